@@ -1,0 +1,132 @@
+"""The `okd` command line.
+
+Each subcommand is a typed Python function; jsonargparse turns its signature (and the docstrings of
+the config dataclasses) into options, `--help` text and a YAML schema. So::
+
+    okd distill --config configs/demo.yaml --train.max_steps 50 --output-dir runs/x
+
+loads the YAML file, overrides one field and calls ``okd.training.distill``. Dashes and underscores
+are interchangeable in option names (``--output-dir`` = ``--output_dir``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+
+from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
+
+from okd.evaluation import GenerationConfig
+from okd.training import distill
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def data_build(out_dir: str = "runs/data/builtin", force: bool = False) -> None:
+    """Build the built-in data set (Python standard-library docstrings) as JSONL files.
+
+    Args:
+        out_dir: Directory for train.jsonl, validation.jsonl, test.jsonl and meta.json.
+        force: Rebuild even if up-to-date files exist.
+    """
+    from okd.data.builtin import build_builtin_dataset
+
+    paths = build_builtin_dataset(out_dir, force=force)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+
+
+def eval(
+    model: str,
+    data: str,
+    seeds: str = "10,20,30",
+    json: str | None = None,
+    max_examples: int | None = None,
+    max_length: int = 256,
+    generation: GenerationConfig = GenerationConfig(),
+) -> None:
+    """Evaluate a saved model on a JSONL file: ROUGE-L and exact match, mean and spread over seeds.
+
+    Args:
+        model: Directory (or hub id) of the model to evaluate.
+        data: JSONL test file.
+        seeds: Comma-separated sampling seeds (greedy decoding uses only the first).
+        json: Write the result to this JSON file.
+        max_examples: Evaluate only the first N examples.
+        max_length: Maximum prompt tokens (prompts are cut from the left).
+        generation: How responses are generated.
+    """
+    from okd.evaluation import evaluate
+
+    result = evaluate(model, data, seeds=seeds, json_out=json, max_examples=max_examples, max_length=max_length, generation=generation)
+    print(
+        f"ROUGE-L {result['rouge_l_mean']:.2f} +- {result['rouge_l_std']:.2f}, "
+        f"exact match {result['exact_match_mean']:.2f} over {result['num_examples']} examples "
+        f"and {len(result['per_seed'])} seed(s)"
+    )
+
+
+def demo(quick: bool = False, output_dir: str = "runs/demo", methods: str | None = None) -> None:
+    """Run the main job on the built-in data: train a teacher, distil students, evaluate, report.
+
+    Args:
+        quick: A smoke-test-sized run (about 2 minutes on 2 CPU cores).
+        output_dir: Where the report, results, plots and models go.
+        methods: Comma-separated method presets (default: the demo's list).
+    """
+    from okd.demo import run_demo
+
+    run_demo(quick=quick, output_dir=output_dir, methods=methods.split(",") if methods else None)
+
+
+class _Parser(ArgumentParser):
+    """jsonargparse's parser, with a suggestion when an option or config key is misspelled."""
+
+    def error(self, message, *args, **kwargs):
+        match = re.search(r"(?:option|arguments?:?) '?-*([\w.\-]+)'?", message)
+        if match:
+            known = [o.lstrip("-") for a in self._actions for o in a.option_strings]
+            close = difflib.get_close_matches(match.group(1), known, n=1)
+            if close:
+                message = f"{message} (did you mean --{close[0]}?)"
+        return super().error(message, *args, **kwargs)
+
+
+def _normalise_option_names(argv: list[str]) -> list[str]:
+    """``--output-dir x`` -> ``--output_dir x`` (only the option name, never its value)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = _normalise_option_names(sys.argv[1:] if argv is None else list(argv))
+    try:
+        auto_cli(
+            {
+                "data": {"_help": "Data tools.", "build": data_build},
+                "distill": distill,
+                "eval": eval,
+                "demo": demo,
+            },
+            args=argv,
+            as_positional=False,
+            parser_class=_Parser,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        # Expected user errors get one line, not a traceback (OKD_TRACEBACK=1 shows it).
+        if os.environ.get("OKD_TRACEBACK"):
+            raise
+        print(f"okd: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

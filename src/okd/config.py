@@ -1,0 +1,244 @@
+"""Typed configuration for `okd distill`: one dataclass per concern.
+
+A run is described by six sections (model, method, online, data, train, eval). Every field has a
+docstring, which is also its `--help` text: the command line is generated from these classes by
+jsonargparse, so `okd distill --config configs/demo.yaml --train.max_steps 50` loads the YAML file and
+then overrides one field.
+
+A *method* is three independent choices (see `MethodConfig`):
+  where the training sequences come from (`source`), which divergence the student minimises
+  (`divergence`), and whether the teacher adapts (`online_teacher`, i.e. OKD).
+Named presets (`METHOD_PRESETS`) fill those choices; any field set explicitly wins over the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+SourceName = Literal["ground_truth"]
+DIVERGENCE_NAMES = (
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "tvd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "adaptive_kl",
+)
+
+
+@dataclass
+class ModelConfig:
+    """Which teacher and student to load or build."""
+
+    teacher: str = ""
+    """Teacher: a local directory or a Hugging Face hub id (e.g. gpt2-xl)."""
+    student: Optional[str] = None
+    """Student initialisation: a local directory or hub id. Leave empty to build a new student of
+    `student_size` from scratch with the teacher's tokenizer."""
+    student_architecture: Literal["llama", "gpt2"] = "llama"
+    """Architecture of a student built from scratch."""
+    student_size: str = "small"
+    """Size preset of a student built from scratch (see okd.models.MODEL_SIZES)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or hub id. Default: the teacher's."""
+    gguf_file: Optional[str] = None
+    """GGUF file name inside the teacher directory, for teachers shipped as GGUF."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision the models are loaded in. fp32 is fastest on CPUs; use bfloat16 on recent GPUs."""
+
+
+@dataclass
+class MethodConfig:
+    """What the student learns from. Empty fields take the value of the preset named by `name`."""
+
+    name: str = "kd"
+    """Preset: sft, kd, rkl, jsd, tvd, skl, srkl, akl or okd (see okd.config.METHOD_PRESETS)."""
+    source: Optional[SourceName] = None
+    """Where training sequences come from. ground_truth: the dataset's responses."""
+    divergence: Optional[str] = None
+    """Token-level divergence the student minimises: forward_kl, reverse_kl, jsd, tvd, skew_kl,
+    skew_reverse_kl, adaptive_kl."""
+    divergence_params: Optional[dict[str, float]] = None
+    """Extra divergence parameters, e.g. {beta: 0.5} for jsd, {alpha: 0.1} for skew_kl, {mu: 0.5}
+    for adaptive_kl."""
+    kd_ratio: Optional[float] = None
+    """Loss = (1 - kd_ratio) * CE(student, data) + kd_ratio * divergence. 0 is plain fine-tuning."""
+    temperature: Optional[float] = None
+    """Softmax temperature applied to both teacher and student logits inside the divergence."""
+    online_teacher: Optional[bool] = None
+    """OKD: train a small online module on the frozen teacher together with the student."""
+
+
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """A method with every choice filled in (what the training loop reads)."""
+
+    name: str
+    source: str
+    divergence: str
+    divergence_params: dict[str, float]
+    kd_ratio: float
+    temperature: float
+    online_teacher: bool
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kd_ratio > 0 or self.online_teacher
+
+
+def _preset(divergence: str = "forward_kl", kd_ratio: float = 1.0, online: bool = False, **params):
+    return {
+        "source": "ground_truth",
+        "divergence": divergence,
+        "divergence_params": params,
+        "kd_ratio": kd_ratio,
+        "temperature": 1.0,
+        "online_teacher": online,
+    }
+
+
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    # Plain fine-tuning on the data: cross-entropy only, no teacher.
+    "sft": _preset(kd_ratio=0.0),
+    # Word-level KD (Hinton et al.; Kim & Rush): forward KL on ground-truth sequences.
+    "kd": _preset("forward_kl"),
+    "rkl": _preset("reverse_kl"),
+    # Generalized JSD as in GKD/TRL (beta 0.5), here on ground truth.
+    "jsd": _preset("jsd", beta=0.5),
+    "tvd": _preset("tvd"),
+    # DistiLLM's skew divergences, alpha = 0.1.
+    "skl": _preset("skew_kl", alpha=0.1),
+    "srkl": _preset("skew_reverse_kl", alpha=0.1),
+    "akl": _preset("adaptive_kl", mu=0.5),
+    # Online KD: forward KL from a teacher whose online module adapts to the student.
+    "okd": _preset("forward_kl", online=True),
+}
+
+
+def resolve_method(method: MethodConfig) -> ResolvedMethod:
+    """Fill the empty fields of `method` from its preset; check the result."""
+    if method.name not in METHOD_PRESETS:
+        raise ValueError(_unknown("method preset", method.name, METHOD_PRESETS))
+    values = dict(METHOD_PRESETS[method.name])
+    for f in dataclasses.fields(MethodConfig):
+        value = getattr(method, f.name)
+        if f.name != "name" and value is not None:
+            values[f.name] = value
+    if values["divergence"] not in DIVERGENCE_NAMES:
+        raise ValueError(_unknown("divergence", values["divergence"], DIVERGENCE_NAMES))
+    if not 0.0 <= values["kd_ratio"] <= 1.0:
+        raise ValueError(f"method.kd_ratio must be in [0, 1], got {values['kd_ratio']}")
+    if values["temperature"] <= 0:
+        raise ValueError(f"method.temperature must be > 0, got {values['temperature']}")
+    return ResolvedMethod(name=method.name, **values)
+
+
+@dataclass
+class OnlineModuleConfig:
+    """OKD's online module: the only trainable part of the teacher (used when online_teacher)."""
+
+    kind: Literal["adapter", "lora"] = "adapter"
+    """adapter: residual bottleneck on the teacher's final hidden state (no backward through the
+    frozen teacher body). lora: LoRA (peft) on the attention and MLP projections of the top layers."""
+    adapter_bottleneck: int = 64
+    """Bottleneck width of the adapter."""
+    lora_rank: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    lora_top_layers: int = 2
+    """LoRA goes on this many of the teacher's top transformer layers."""
+    lora_target_modules: Optional[list[str]] = None
+    """Module names LoRA adapts. Default: peft's defaults for the architecture."""
+    learning_rate: float = 5e-4
+    """Learning rate of the online module's own optimizer (AdamW)."""
+    weight_decay: float = 0.0
+    """Weight decay of the online module's optimizer."""
+    update_every: int = 1
+    """The module takes one optimizer step every this many student steps."""
+    ce_weight: float = 1.0
+    """Weight of CE(teacher, data) in the module's loss: keeps the adapted teacher accurate."""
+    student_weight: float = 1.0
+    """Weight of D(student.detach() -> teacher) in the module's loss: moves the teacher toward
+    what the student can represent. D is the method's divergence with the roles swapped."""
+
+    def __post_init__(self):
+        if self.update_every < 1:
+            raise ValueError(f"online.update_every must be >= 1, got {self.update_every}")
+        if self.ce_weight < 0 or self.student_weight < 0:
+            raise ValueError("online.ce_weight and online.student_weight must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Training and validation data (JSONL: prompt/response, instruction/input/output or messages)."""
+
+    train_file: str = "runs/data/builtin/train.jsonl"
+    """Training JSONL file. The default is the built-in data set (`okd data build`)."""
+    validation_file: Optional[str] = "runs/data/builtin/validation.jsonl"
+    """Validation JSONL file for held-out loss and divergence; empty to skip."""
+    max_length: int = 256
+    """Maximum tokens per example (prompt + response). Prompts are cut from the left first."""
+    max_train_examples: Optional[int] = None
+    """Use only the first N training examples (quick experiments)."""
+    max_validation_examples: Optional[int] = 256
+    """Use only the first N validation examples."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of the student."""
+
+    max_steps: int = 1000
+    """Number of student optimizer steps."""
+    batch_size: int = 8
+    """Examples per step on each process."""
+    learning_rate: float = 5e-4
+    """Peak learning rate of the student's AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the schedule."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the student's gradient norm to this value; empty for no clipping."""
+    divergence_chunk_tokens: int = 1024
+    """Tokens per chunk when computing divergences (bounds the memory of vocab-sized temporaries)."""
+    seed: int = 0
+    """Seed for initialisation, data order and sampling."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Accelerate mixed precision."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many periodic checkpoints to keep."""
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    """Extra experiment trackers (metrics.jsonl is always written)."""
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training."""
+
+    every: int = 0
+    """Compute validation loss and divergence every this many steps (0: only at the end)."""
+    batch_size: int = 16
+    """Batch size for validation."""
+
+
+def _unknown(kind: str, value: str, valid) -> str:
+    close = difflib.get_close_matches(str(value), list(valid), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {value!r}{hint} (valid: {', '.join(valid)})"

@@ -1,0 +1,449 @@
+"""Instruction data: reading JSONL files, tokenising prompt/response pairs, batching.
+
+The pipeline, end to end::
+
+    examples = read_jsonl("train.jsonl", tokenizer)          # list[Example] (text)
+    dataset = InstructionDataset(examples, tokenizer, 512)   # token ids + loss labels
+    loader = DataLoader(dataset, batch_size=8, collate_fn=Collator(tokenizer.pad_token_id))
+
+Accepted JSONL record layouts (one JSON object per line; extra fields are ignored):
+
+* ``{"prompt": str, "response": str}`` -- the prompt is used as-is.
+* ``{"instruction": str, "input": str (optional), "output": str}`` -- the Dolly / DistiLLM
+  layout. The prompt is ``PROMPT_TEMPLATE`` (or ``PROMPT_TEMPLATE_NO_INPUT`` when the input
+  is missing or blank)::
+
+      ### Instruction:
+      {instruction}
+
+      ### Input:
+      {input}
+
+      ### Response:
+
+* ``{"messages": [{"role": str, "content": str}, ...]}`` -- a chat. The last message must
+  come from the ``assistant``: it is the response. The earlier messages form the prompt,
+  rendered with the tokenizer's chat template when the tokenizer has one, else as plain
+  ``"<role>: <content>\\n"`` lines followed by ``"assistant: "``.
+
+All of this lives in ``format_record``: it is the one place to change how records become text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+# Label value that the cross-entropy loss ignores (PyTorch's and Hugging Face's convention).
+IGNORE_INDEX = -100
+
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+# Datasets at least this large get a progress bar while tokenising.
+_PROGRESS_BAR_MIN_EXAMPLES = 2000
+
+
+class DataError(ValueError):
+    """Bad input data: the message says which file, line or example, and what is wrong."""
+
+
+@dataclass
+class Example:
+    """One training example as text.
+
+    ``prompt`` is the full text shown to the model before the response, already formatted
+    (template or chat template applied); ``response`` is the text the model should produce.
+    """
+
+    prompt: str
+    response: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Records -> Examples
+# ----------------------------------------------------------------------------------------------
+
+
+def _require_str(record: dict, field: str, *, optional: bool = False) -> str:
+    """Return ``record[field]`` if it is a string; DataError naming the field otherwise.
+
+    With ``optional``, a missing field or ``null`` gives "".
+    """
+    if field not in record or (optional and record[field] is None):
+        if optional:
+            return ""
+        raise DataError(f"missing field {field!r}")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f"field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _format_chat(messages: Any, tokenizer) -> tuple[str, str]:
+    """(prompt, response) of a chat record; see the module docstring for the rules."""
+    if not isinstance(messages, list):
+        raise DataError(f"field 'messages' must be a list, got {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"messages[{i}] must be an object, got {type(message).__name__}")
+        for field in ("role", "content"):
+            try:
+                _require_str(message, field)
+            except DataError as err:
+                raise DataError(f"messages[{i}]: {err}") from None
+    if len(messages) < 2:
+        raise DataError("'messages' needs at least one message before the assistant's reply")
+    *history, last = messages
+    if last["role"] != "assistant":
+        raise DataError(f"the last message must have role 'assistant', got {last['role']!r}")
+
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in history],
+            tokenize=False,
+            add_generation_prompt=True,  # ends the prompt with the assistant turn's header
+        )
+    else:
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in history) + "assistant: "
+    return prompt, last["content"]
+
+
+def format_record(record: dict, tokenizer=None) -> Example:
+    """Turn one JSON record (any accepted layout) into an ``Example``.
+
+    Raises ``DataError`` (without a location; ``read_jsonl`` adds file and line) for missing
+    fields, wrong types, or an empty prompt or response.
+    """
+    if "messages" in record:
+        prompt, response = _format_chat(record["messages"], tokenizer)
+    elif "prompt" in record or "response" in record:
+        prompt, response = _require_str(record, "prompt"), _require_str(record, "response")
+    elif "instruction" in record or "output" in record:
+        instruction = _require_str(record, "instruction")
+        input_text = _require_str(record, "input", optional=True)
+        response = _require_str(record, "output")
+        if not instruction.strip():
+            raise DataError("field 'instruction' is empty")
+        if input_text.strip():
+            prompt = PROMPT_TEMPLATE.format(instruction=instruction, input=input_text)
+        else:
+            prompt = PROMPT_TEMPLATE_NO_INPUT.format(instruction=instruction)
+    else:
+        raise DataError(
+            "missing fields: expected 'prompt' and 'response', or 'instruction' and 'output', "
+            f"or 'messages'; got {sorted(record)}"
+        )
+    if not prompt.strip():
+        raise DataError("empty prompt")
+    if not response.strip():
+        raise DataError("empty response")
+    return Example(prompt=prompt, response=response)
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL files
+# ----------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | os.PathLike, tokenizer=None) -> list[Example]:
+    """Read a JSONL file of records (see the module docstring) into ``Example``s.
+
+    Blank lines are skipped. Every problem raises ``DataError`` with a one-line message
+    naming the file and line, e.g. ``data.jsonl, line 3: missing field 'response'``.
+    ``tokenizer`` is only used to render chat records with its chat template.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
+
+    examples = []
+    # Split the bytes, not decoded text: str.splitlines() would also split at characters such
+    # as U+2028 that are legal inside a JSON string. Decoding per line lets us name the bad line.
+    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}, line {lineno}"
+        try:
+            line = line_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
+        except UnicodeDecodeError as err:
+            raise DataError(f"{where}: not valid UTF-8 (byte {err.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        try:
+            examples.append(format_record(record, tokenizer))
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+    if not examples:
+        raise DataError(f"{path}: no examples (the file is empty or has only blank lines)")
+    return examples
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
+    """Write records (dicts or dataclass instances such as ``Example``), one JSON object a line.
+
+    Atomic: the text goes to a temporary file in the same folder, which then replaces ``path``,
+    so a reader never sees a half-written file (even if this process is killed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for record in records:
+                if dataclasses.is_dataclass(record) and not isinstance(record, type):
+                    record = dataclasses.asdict(record)
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation
+# ----------------------------------------------------------------------------------------------
+
+
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token the EOS token as pad token; returns the tokenizer.
+
+    Padding positions are masked out (attention mask 0, label -100), so which token fills
+    them does not matter; EOS is the token every causal LM tokenizer has.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise DataError("the tokenizer has neither a pad token nor an EOS token to use as one")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """``[bos_token_id]`` if the tokenizer adds a BOS token to plain text, else ``[]``.
+
+    Found by trying: some tokenizers (Llama, Gemma) prepend BOS, most (GPT-2, Qwen) add nothing.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def tokenize_example(
+    tokenizer,
+    example: Example,
+    max_length: int,
+    eos: bool = True,
+    min_response_tokens: int = 8,
+    index: int | None = None,
+) -> dict[str, Any]:
+    """Tokenise one example for training.
+
+    Returns a dict with
+
+    * ``input_ids``: prompt tokens + response tokens (+ EOS if ``eos``), at most ``max_length``;
+    * ``labels``: ``-100`` on the prompt tokens, the token ids on the response and EOS, so the
+      loss is computed on the response only;
+    * ``prompt_ids``: the prompt tokens (truncated the same way), for generation;
+    * ``truncated``: whether anything was cut.
+
+    Prompt and response are tokenised separately, without special tokens, so the boundary
+    between them is exact. A BOS token is put in front of the prompt only when the tokenizer
+    adds one to plain text (see ``_bos_prefix``) and the prompt does not already start with it
+    (chat templates often write it).
+
+    Truncation never drops the whole response. When prompt + response do not fit:
+
+    1. the response is guaranteed ``min_response_tokens`` tokens (or all of it, if shorter);
+    2. the prompt is cut from the LEFT to fit next to that guarantee: its end, nearest to the
+       response, is what matters most (a BOS token stays in front);
+    3. the response is cut from the RIGHT to fill what is left (its EOS goes first).
+
+    ``DataError`` (naming ``index``) if ``max_length`` cannot hold that guarantee plus one
+    prompt token.
+    """
+    where = f"example {index}" if index is not None else "example"
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2, got {max_length}")
+    prompt_ids = list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+    response_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
+    if eos:
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no EOS token; pass eos=False")
+        response_ids.append(tokenizer.eos_token_id)
+
+    prefix = _bos_prefix(tokenizer)
+    if prefix and prompt_ids[:1] == prefix:
+        prefix = []
+    body = prompt_ids  # the part of the prompt that may be cut
+    truncated = len(prefix) + len(body) + len(response_ids) > max_length
+    if truncated:
+        # At least one response token, whatever min_response_tokens says: a training example
+        # without a response would teach nothing and hide the problem.
+        guaranteed = min(len(response_ids), max(1, min_response_tokens))
+        body_budget = max_length - guaranteed - len(prefix)
+        if body_budget < 1:
+            raise DataError(
+                f"{where}: max_length={max_length} cannot hold one prompt token and "
+                f"{guaranteed} response tokens (min_response_tokens={min_response_tokens})"
+            )
+        body = body[-body_budget:] if len(body) > body_budget else body
+        response_ids = response_ids[: max_length - len(prefix) - len(body)]
+
+    prompt_ids = prefix + body
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        "prompt_ids": prompt_ids,
+        "truncated": truncated,
+    }
+
+
+class InstructionDataset(Dataset):
+    """Examples tokenised for training, with the text kept for generation and evaluation.
+
+    Tokenises everything up front (a progress bar appears for large datasets), so errors
+    surface at construction rather than mid-training. ``dataset[i]`` is a dict with
+    ``input_ids``, ``labels``, ``prompt_ids`` (lists of ints, see ``tokenize_example``) and
+    ``index`` (= i, to find ``dataset.examples[i]``). Batch with ``Collator``.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        tokenizer,
+        max_length: int,
+        eos: bool = True,
+        min_response_tokens: int = 8,
+    ):
+        if len(examples) == 0:
+            raise DataError("no examples: the dataset is empty")
+        self.examples = list(examples)
+        self.max_length = max_length
+        self.features = []
+        self._num_truncated = 0
+        progress = tqdm(
+            self.examples,
+            desc="Tokenising",
+            unit="ex",
+            disable=len(self.examples) < _PROGRESS_BAR_MIN_EXAMPLES or not sys.stderr.isatty(),
+        )
+        for i, example in enumerate(progress):
+            features = tokenize_example(
+                tokenizer, example, max_length, eos=eos,
+                min_response_tokens=min_response_tokens, index=i,
+            )
+            self._num_truncated += features.pop("truncated")
+            self.features.append(features)
+
+    @property
+    def num_truncated(self) -> int:
+        """How many examples were cut to fit ``max_length``."""
+        return self._num_truncated
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        features = self.features[index]
+        return {
+            "input_ids": features["input_ids"],
+            "labels": features["labels"],
+            "prompt_ids": features["prompt_ids"],
+            "index": index,
+        }
+
+
+def load_dataset_file(
+    path: str | os.PathLike, tokenizer, max_length: int, **kwargs: Any
+) -> InstructionDataset:
+    """``read_jsonl`` + ``InstructionDataset`` in one call; ``kwargs`` go to the dataset."""
+    return InstructionDataset(read_jsonl(path, tokenizer), tokenizer, max_length, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+# ----------------------------------------------------------------------------------------------
+
+
+def _round_up(length: int, multiple: int | None) -> int:
+    if not multiple:
+        return length
+    return -(-length // multiple) * multiple
+
+
+@dataclass
+class Collator:
+    """Batch ``InstructionDataset`` items for training (use as a DataLoader ``collate_fn``).
+
+    Right-pads ``input_ids`` with ``pad_token_id`` and ``labels`` with ``label_pad``, builds
+    ``attention_mask`` (1 on real tokens), and passes ``index`` through. Returns LongTensors.
+    Right padding suits training: positions line up from the start, and the padded tail is
+    both masked out of attention and ignored by the loss. ``pad_to_multiple_of`` rounds the
+    batch length up (e.g. 8, for tensor cores).
+    """
+
+    pad_token_id: int
+    label_pad: int = IGNORE_INDEX
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = _round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
+        input_ids, labels, attention_mask = [], [], []
+        for f in features:
+            ids, labs = list(f["input_ids"]), list(f["labels"])
+            pad = length - len(ids)
+            input_ids.append(ids + [self.pad_token_id] * pad)
+            labels.append(labs + [self.label_pad] * pad)
+            attention_mask.append([1] * len(ids) + [0] * pad)
+        batch = {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+        if all("index" in f for f in features):
+            batch["index"] = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)
+        return batch
+
+
+def collate_prompts(prompt_ids_list: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """LEFT-pad prompts for batched generation: ``{"input_ids", "attention_mask"}`` LongTensors.
+
+    Left padding puts every prompt's last token in the last column, so ``generate`` appends
+    new tokens right after each prompt instead of after padding.
+    """
+    if len(prompt_ids_list) == 0:
+        raise DataError("collate_prompts needs at least one prompt")
+    length = max(len(ids) for ids in prompt_ids_list)
+    input_ids, attention_mask = [], []
+    for ids in prompt_ids_list:
+        pad = length - len(ids)
+        input_ids.append([pad_token_id] * pad + list(ids))
+        attention_mask.append([0] * pad + [1] * len(ids))
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+    }

@@ -1,0 +1,521 @@
+"""The training loop: one readable loop for every method.
+
+A method is three independent choices, and the loop shows each in one place:
+
+1. the *source* of the sequences (``okd.data.sources``): ``batch = source.next_batch()``;
+2. the *divergence* the student minimises: ``loss = (1 - kd_ratio) * CE + kd_ratio * D(teacher, student)``;
+3. whether the *teacher adapts* (OKD): on update steps the online module takes one optimizer step on
+   ``ce_weight * CE(teacher, data) + student_weight * D(student.detach() -> teacher)``, reusing the
+   teacher forward of the step (there is no second teacher forward).
+
+The student always learns from the current teacher, detached; the module always learns from the
+current student, detached. So the two losses touch disjoint parameters and one ``backward()`` serves
+both.
+
+Runs on Hugging Face Accelerate: ``accelerate launch --num_processes N -m okd.cli distill ...`` gives
+DDP without code changes. The online module is not wrapped by DDP: its gradients are averaged across
+processes explicitly before its optimizer step, so it stays identical on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from okd.config import (
+    DataConfig,
+    EvalConfig,
+    MethodConfig,
+    ModelConfig,
+    OnlineModuleConfig,
+    ResolvedMethod,
+    TrainConfig,
+    resolve_method,
+)
+from okd.divergences import get_divergence
+from okd.teacher import Teacher
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses of one step
+# ----------------------------------------------------------------------------------------------
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align labels with logits: the logits at position t predict the token at t + 1.
+
+    Returns ``(targets, mask)``, both ``[batch, seq]``: ``targets[:, t] = labels[:, t + 1]`` (last
+    position ignored) and ``mask = targets != -100``. Shifting the small label tensor instead of the
+    ``[batch, seq, vocab]`` logits avoids a copy of the logits.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return targets, targets != IGNORE_INDEX
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy. logits ``[batch, seq, vocab]``, targets ``[batch, seq]`` (-100 ignored)."""
+    if not (targets != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+@dataclass
+class StepLosses:
+    """The loss terms of one step (tensors with graphs; ``as_floats`` for logging)."""
+
+    loss: torch.Tensor  # what the student's gradient comes from
+    ce: torch.Tensor
+    kd: torch.Tensor | None = None
+    module_loss: torch.Tensor | None = None  # the online module's loss (OKD update steps only)
+    module_ce: torch.Tensor | None = None
+    module_divergence: torch.Tensor | None = None
+
+    def as_floats(self) -> dict[str, float]:
+        return {
+            f.name: float(getattr(self, f.name).detach())
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+
+class DistillationLoss:
+    """Computes the student's loss and, on update steps, the online module's loss.
+
+    Args:
+        method: the resolved method (divergence, kd_ratio, temperature).
+        online: the online-module config (weights of its two loss terms), or None.
+        chunk_tokens: chunk size of the divergence computation.
+    """
+
+    def __init__(self, method: ResolvedMethod, online: OnlineModuleConfig | None, chunk_tokens: int = 1024):
+        self.method = method
+        self.online = online
+        self.divergence = get_divergence(method.divergence, **method.divergence_params)
+        self.chunk_tokens = chunk_tokens
+
+    def _divergence(self, target_logits, learner_logits, mask):
+        return self.divergence(
+            target_logits,
+            learner_logits,
+            mask,
+            temperature=self.method.temperature,
+            chunk_tokens=self.chunk_tokens,
+        )
+
+    def __call__(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        labels: torch.Tensor,
+        update_module: bool = False,
+    ) -> StepLosses:
+        targets, mask = next_token_targets(labels)
+        ce = cross_entropy(student_logits, targets)
+        ratio = self.method.kd_ratio
+        if teacher_logits is None or ratio == 0:
+            losses = StepLosses(loss=ce, ce=ce)
+        else:
+            kd = self._divergence(teacher_logits.detach(), student_logits, mask)
+            loss = kd if ratio == 1 else (1 - ratio) * ce + ratio * kd
+            losses = StepLosses(loss=loss, ce=ce, kd=kd)
+        if update_module:
+            # The module moves the teacher toward the (detached) student with the same divergence,
+            # roles swapped, while CE on the data keeps the adapted teacher accurate.
+            module_ce = cross_entropy(teacher_logits, targets)
+            module_div = self._divergence(student_logits.detach(), teacher_logits, mask)
+            losses.module_ce = module_ce
+            losses.module_divergence = module_div
+            losses.module_loss = self.online.ce_weight * module_ce + self.online.student_weight * module_div
+        return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup helpers
+# ----------------------------------------------------------------------------------------------
+def _load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConfig, max_length: int):
+    """Load tokenizer, student and (when the method needs one) the teacher."""
+    from okd.data import ensure_pad_token
+    from okd.models import build_model, check_compatible, load_model, load_tokenizer
+
+    tokenizer_source = model_cfg.tokenizer or model_cfg.teacher or model_cfg.student
+    if not tokenizer_source:
+        raise ValueError("set model.teacher (or model.tokenizer / model.student)")
+    tokenizer = load_tokenizer(tokenizer_source)
+    ensure_pad_token(tokenizer)
+
+    teacher_model = None
+    if method.uses_teacher:
+        if not model_cfg.teacher:
+            raise ValueError(f"method {method.name!r} needs a teacher: set model.teacher")
+        teacher_model = load_model(model_cfg.teacher, dtype=model_cfg.dtype, gguf_file=model_cfg.gguf_file)
+
+    if model_cfg.student:
+        student = load_model(model_cfg.student, dtype=model_cfg.dtype)
+    else:
+        student = build_model(
+            model_cfg.student_architecture,
+            model_cfg.student_size,
+            vocab_size=len(tokenizer),
+            max_positions=max_length,
+            seed=train.seed,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    if teacher_model is not None:
+        check_compatible(teacher_model, student, tokenizer, tokenizer)
+    return tokenizer, student, teacher_model
+
+
+def _learning_rate_schedule(optimizer, train: TrainConfig):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=train.warmup_steps,
+        num_training_steps=train.max_steps,
+    )
+
+
+RUN_MARKERS = ("metrics.jsonl", "run_config.yaml")
+
+
+def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory unless asked to overwrite."""
+    existing = [name for name in RUN_MARKERS if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a run ({existing[0]}); pass --overwrite to replace it"
+        )
+    if existing and overwrite:
+        for name in ("metrics.jsonl", "run_config.yaml", "student", "online_module", "checkpoints"):
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    train_seconds: float
+    final_metrics: dict
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+class Distiller:
+    """One distillation run: ``setup`` in ``__init__``, then ``train()``, then ``save()``.
+
+    ``distill(...)`` below does all three; tests and notebooks can build a ``Distiller`` to inspect
+    the student, the teacher and its online module between the steps.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        method: MethodConfig = MethodConfig(),
+        online: OnlineModuleConfig = OnlineModuleConfig(),
+        data: DataConfig = DataConfig(),
+        train: TrainConfig = TrainConfig(),
+        eval: EvalConfig = EvalConfig(),
+        output_dir: str = "runs/distill",
+        overwrite: bool = False,
+        progress: bool = True,
+    ):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from okd.data import Collator, InstructionDataset, read_jsonl
+        from okd.data.sources import GroundTruthSource
+
+        self.method = resolve_method(method)
+        self.online_config = online if self.method.online_teacher else None
+        self.train_config, self.eval_config, self.progress = train, eval, progress
+        self.output = Path(output_dir)
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=train.mixed_precision,
+            log_with=list(train.report_to) or None,
+            project_dir=str(self.output),
+        )
+        if accelerator.is_main_process:
+            _prepare_output_dir(self.output, overwrite)
+        accelerator.wait_for_everyone()
+        set_seed(train.seed)
+
+        self.tokenizer, student, teacher_model = _load_models(model, self.method, train, data.max_length)
+        self.teacher: Teacher | None = None
+        if teacher_model is not None:
+            self.teacher = Teacher(teacher_model, self.online_config, seed=train.seed).to(accelerator.device)
+
+        def load_split(path, limit):
+            examples = read_jsonl(path, tokenizer=self.tokenizer)
+            return InstructionDataset(examples[:limit] if limit else examples, self.tokenizer, data.max_length)
+
+        self.train_set = load_split(data.train_file, data.max_train_examples)
+        self.validation_set = (
+            load_split(data.validation_file, data.max_validation_examples) if data.validation_file else None
+        )
+        self.collator = Collator(pad_token_id=self.tokenizer.pad_token_id)
+        self.source = GroundTruthSource(
+            self.train_set,
+            self.collator,
+            train.batch_size,
+            seed=train.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+
+        optimizer = torch.optim.AdamW(student.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+        scheduler = _learning_rate_schedule(optimizer, train)
+        self.student, self.optimizer, self.scheduler = accelerator.prepare(student, optimizer, scheduler)
+        self.module_optimizer = None
+        if self.online_config is not None:
+            self.module_optimizer = torch.optim.AdamW(
+                self.teacher.module_parameters(), lr=online.learning_rate, weight_decay=online.weight_decay
+            )
+        self.loss_fn = DistillationLoss(self.method, self.online_config, train.divergence_chunk_tokens)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.final_metrics: dict = {}
+        self.run_config = {
+            "model": dataclasses.asdict(model),
+            "method": dataclasses.asdict(self.method),
+            "online": dataclasses.asdict(online) if self.online_config else None,
+            "data": dataclasses.asdict(data),
+            "train": dataclasses.asdict(train),
+            "eval": dataclasses.asdict(eval),
+            "num_processes": accelerator.num_processes,
+        }
+
+    # -- one step -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
+        """Forward student and teacher once, backward once, step the optimizers."""
+        accelerator = self.accelerator
+        with accelerator.autocast():
+            student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            teacher_logits = None
+            if self.teacher is not None:
+                teacher_logits = self.teacher(
+                    batch["input_ids"], batch["attention_mask"], track_module_grad=update_module
+                )
+            losses = self.loss_fn(student_logits, teacher_logits, batch["labels"], update_module=update_module)
+        _check_finite(losses, self.step, self.method.name)
+        # One backward: the student's loss sees the teacher detached and the module's loss sees the
+        # student detached, so each gradient lands only where it belongs.
+        total = losses.loss if losses.module_loss is None else losses.loss + losses.module_loss
+        accelerator.backward(total)
+        if self.train_config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(self.student.parameters(), self.train_config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if update_module:
+            _average_gradients(self.teacher.module_parameters(), accelerator)
+            self.module_optimizer.step()
+            self.module_optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> dict:
+        train, accelerator = self.train_config, self.accelerator
+        if accelerator.is_main_process:
+            _atomic_write_text(self.output / "run_config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
+            metrics_file = open(self.output / "metrics.jsonl", "a")
+        if train.report_to:
+            accelerator.init_trackers("okd", config={"method": self.method.name})
+        self.student.train()
+        start = time.perf_counter()
+        tokens_since_log, time_since_log = 0, start
+        bar = tqdm(
+            total=train.max_steps,
+            initial=self.step,
+            desc=f"distill {self.method.name}",
+            disable=not (self.progress and accelerator.is_main_process),
+            dynamic_ncols=True,
+        )
+        while self.step < train.max_steps:
+            self.step += 1
+            step = self.step
+            batch = {k: v.to(accelerator.device) for k, v in self.source.next_batch().items()}
+            update_module = self.module_optimizer is not None and step % self.online_config.update_every == 0
+            losses = self.training_step(batch, update_module)
+
+            tokens_since_log += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            bar.update(1)
+            if step % train.log_every == 0 or step == train.max_steps:
+                now = time.perf_counter()
+                record = {
+                    "step": step,
+                    **losses.as_floats(),
+                    "learning_rate": self.scheduler.get_last_lr()[0],
+                    "module_updated": update_module,
+                    "tokens_per_second": tokens_since_log / max(now - time_since_log, 1e-9),
+                    "elapsed_seconds": now - start,
+                    "epoch": self.source.state.epoch,
+                }
+                if self.module_optimizer is not None:
+                    record["module_learning_rate"] = self.module_optimizer.param_groups[0]["lr"]
+                tokens_since_log, time_since_log = 0, now
+                eval_every = self.eval_config.every
+                if self.validation_set is not None and ((eval_every and step % eval_every == 0) or step == train.max_steps):
+                    record.update(self.validate())
+                self.final_metrics = record
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                if accelerator.is_main_process:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if train.report_to:
+                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+        bar.close()
+        self.train_seconds += time.perf_counter() - start
+        if accelerator.is_main_process:
+            metrics_file.close()
+        if train.report_to:
+            accelerator.end_training()
+        return self.final_metrics
+
+    def validate(self) -> dict:
+        metrics = validation_metrics(
+            self.accelerator.unwrap_model(self.student),
+            self.teacher,
+            self.validation_set,
+            self.collator,
+            self.loss_fn,
+            self.eval_config.batch_size,
+            self.accelerator.device,
+        )
+        self.student.train()
+        return metrics
+
+    def module_consistent_across_processes(self) -> bool | None:
+        """True when the online module is bit-identical on every process (None without a module)."""
+        if self.online_config is None:
+            return None
+        flat = torch.cat([p.detach().float().reshape(-1) for p in self.teacher.module_parameters()])
+        # Sum and sum of squares of positions-weighted values: equal on all ranks iff (almost surely)
+        # the parameters are equal.
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        fingerprint = torch.stack([(flat.double() * weights).sum(), (flat.double() ** 2).sum()]).unsqueeze(0)
+        gathered = self.accelerator.gather(fingerprint)
+        return bool((gathered == gathered[0]).all())
+
+    def save(self) -> None:
+        """Write the student, the online module and a summary (main process only)."""
+        accelerator = self.accelerator
+        consistent = self.module_consistent_across_processes()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            from okd.models import save_pretrained_atomic
+
+            save_pretrained_atomic(accelerator.unwrap_model(self.student), self.tokenizer, self.output / "student")
+            if self.online_config is not None:
+                self.teacher.save_module(self.output / "online_module")
+            summary = {
+                "method": self.method.name,
+                "steps": self.step,
+                "train_seconds": self.train_seconds,
+                "num_processes": accelerator.num_processes,
+                "module_consistent_across_processes": consistent,
+                "final": self.final_metrics,
+            }
+            _atomic_write_text(self.output / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+        accelerator.wait_for_everyone()
+
+
+def distill(
+    model: ModelConfig,
+    method: MethodConfig = MethodConfig(),
+    online: OnlineModuleConfig = OnlineModuleConfig(),
+    data: DataConfig = DataConfig(),
+    train: TrainConfig = TrainConfig(),
+    eval: EvalConfig = EvalConfig(),
+    output_dir: str = "runs/distill",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Distil a student from a teacher (any preset, OKD included) and save it.
+
+    Writes ``output_dir/student/`` (loadable with ``AutoModelForCausalLM.from_pretrained``),
+    ``output_dir/online_module/`` (OKD), ``output_dir/metrics.jsonl``, ``output_dir/run_config.yaml``
+    and ``output_dir/train_summary.json``.
+
+    Args:
+        model: Which teacher and student to load or build.
+        method: The method: a preset name, optionally with fields overridden.
+        online: OKD's online module (used when the method has online_teacher).
+        data: Training and validation data.
+        train: Optimisation of the student.
+        eval: Held-out evaluation during training.
+        output_dir: Directory for the run's outputs.
+        overwrite: Replace a previous run in output_dir.
+        progress: Show a progress bar.
+    """
+    distiller = Distiller(model, method, online, data, train, eval, output_dir, overwrite, progress)
+    distiller.train()
+    distiller.save()
+    return RunResult(distiller.output, distiller.step, distiller.train_seconds, distiller.final_metrics)
+
+
+def _check_finite(losses: StepLosses, step: int, method: str) -> None:
+    for name, value in losses.as_floats().items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite {name} ({value}) at step {step} of method {method!r}")
+
+
+def _average_gradients(parameters, accelerator) -> None:
+    """Average the online module's gradients over processes (it is not wrapped by DDP)."""
+    if accelerator.num_processes == 1:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
+@torch.no_grad()
+def validation_metrics(student, teacher, dataset, collator, loss_fn: DistillationLoss, batch_size, device) -> dict:
+    """Held-out student CE and divergence to the current teacher (token-weighted over the set)."""
+    student.eval()
+    ce_sum = kd_sum = 0.0
+    tokens = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        targets, mask = next_token_targets(batch["labels"])
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce_sum += float(cross_entropy(logits, targets)) * n
+        if teacher is not None:
+            teacher_logits = teacher(batch["input_ids"], batch["attention_mask"])
+            kd_sum += float(loss_fn._divergence(teacher_logits, logits, mask)) * n
+        tokens += n
+    metrics = {"validation_ce": ce_sum / max(tokens, 1)}
+    if teacher is not None:
+        metrics["validation_divergence"] = kd_sum / max(tokens, 1)
+    return metrics

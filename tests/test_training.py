@@ -1,0 +1,137 @@
+"""The training loop: every preset learns, OKD's guarantees hold, outputs reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from engine_helpers import configs
+
+from okd.config import METHOD_PRESETS, OnlineModuleConfig
+from okd.training import Distiller, distill
+
+
+def _initial_and_final_validation(setting, tmp_path, method, steps=25, **kw):
+    distiller = Distiller(**configs(setting, method, steps=steps, **kw), output_dir=str(tmp_path / method))
+    before = distiller.validate()
+    distiller.train()
+    after = distiller.validate()
+    rows = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    return distiller, before, after, rows
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PRESETS))
+def test_every_preset_learns(tiny_setting, tmp_path, method):
+    distiller, before, after, rows = _initial_and_final_validation(tiny_setting, tmp_path, method)
+    first = sum(r["loss"] for r in rows[:5]) / 5
+    last = sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first, f"{method}: training loss did not go down ({first:.4f} -> {last:.4f})"
+    assert after["validation_ce"] < before["validation_ce"]
+    if distiller.teacher is not None and method != "sft":
+        # Held-out divergence to the teacher goes down: the student moves toward the teacher.
+        assert after["validation_divergence"] < before["validation_divergence"]
+
+
+def _base_weights(teacher):
+    return {k: v.clone() for k, v in teacher.base_state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+def test_okd_trains_only_the_module(tiny_setting, tmp_path, kind):
+    distiller = Distiller(
+        **configs(tiny_setting, "okd", steps=6, online=OnlineModuleConfig(kind=kind, lora_top_layers=1)),
+        output_dir=str(tmp_path / kind),
+    )
+    teacher = distiller.teacher
+    base_before = _base_weights(teacher)
+    module_before = {k: v.clone() for k, v in teacher.module_state_dict().items()}
+    assert module_before, "the online module has no parameters"
+    distiller.train()
+    base_after = teacher.base_state_dict()
+    assert base_before.keys() == base_after.keys()
+    for name, value in base_before.items():
+        assert torch.equal(value, base_after[name]), f"frozen teacher weight {name} changed"
+    changed = [k for k, v in teacher.module_state_dict().items() if not torch.equal(v, module_before[k])]
+    assert changed, "no online-module parameter changed"
+    trainable = {id(p) for p in teacher.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in teacher.module_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+def test_okd_teacher_equals_plain_teacher_at_step_zero(tiny_setting, kind):
+    from okd.models import load_model
+    from okd.teacher import Teacher
+
+    plain = load_model(tiny_setting["teacher"])
+    adapted = Teacher(load_model(tiny_setting["teacher"]), OnlineModuleConfig(kind=kind, lora_top_layers=1))
+    input_ids = torch.randint(0, plain.config.vocab_size, (3, 17))
+    mask = torch.ones_like(input_ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        expected = plain(input_ids=input_ids, attention_mask=mask).logits
+    for track in (False, True):
+        assert torch.equal(adapted(input_ids, mask, track_module_grad=track).detach(), expected)
+
+
+def test_module_updates_exactly_every_k_steps(tiny_setting, tmp_path):
+    k = 3
+    distiller = Distiller(
+        **configs(tiny_setting, "okd", steps=10, online=OnlineModuleConfig(update_every=k)),
+        output_dir=str(tmp_path / "every"),
+    )
+    snapshots = []
+    original_step = distiller.training_step
+
+    def recording_step(batch, update_module):
+        losses = original_step(batch, update_module)
+        snapshots.append(distiller.teacher.adapter.up.weight.detach().clone())
+        return losses
+
+    distiller.training_step = recording_step
+    distiller.train()
+    rows = [json.loads(line) for line in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["module_updated"] for r in rows] == [r["step"] % k == 0 for r in rows]
+    assert all(("module_loss" in r) == (r["step"] % k == 0) for r in rows)
+    previous = torch.zeros_like(snapshots[0])
+    for step, snapshot in enumerate(snapshots, start=1):
+        assert torch.equal(snapshot, previous) == (step % k != 0), f"step {step}"
+        previous = snapshot
+    assert distiller.module_optimizer.state[distiller.teacher.adapter.up.weight]["step"] == 10 // k
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_okd_with_zero_module_lr_equals_plain_method(tiny_setting, tmp_path, divergence):
+    plain = distill(**configs(tiny_setting, "kd", steps=5, divergence=divergence), output_dir=str(tmp_path / "plain"))
+    okd = distill(
+        **configs(tiny_setting, "okd", steps=5, divergence=divergence, online=OnlineModuleConfig(learning_rate=0.0)),
+        output_dir=str(tmp_path / "okd"),
+    )
+    from safetensors.torch import load_file
+
+    a = load_file(str(plain.output_dir / "student" / "model.safetensors"))
+    b = load_file(str(okd.output_dir / "student" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_saved_student_reloads_with_plain_transformers_and_generates(tiny_setting, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = distill(**configs(tiny_setting, "okd", steps=3), output_dir=str(tmp_path / "run"))
+    model = AutoModelForCausalLM.from_pretrained(str(run.output_dir / "student"))
+    tokenizer = AutoTokenizer.from_pretrained(str(run.output_dir / "student"))
+    ids = tokenizer("Reverse: alpha bravo\nAnswer:", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert (run.output_dir / "online_module" / "online_module.json").exists()
+    summary = json.loads((run.output_dir / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["module_consistent_across_processes"] is True
+
+
+def test_refuses_to_overwrite_a_run(tiny_setting, tmp_path):
+    distill(**configs(tiny_setting, "sft", steps=1), output_dir=str(tmp_path / "run"))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        distill(**configs(tiny_setting, "sft", steps=1), output_dir=str(tmp_path / "run"))
+    distill(**configs(tiny_setting, "sft", steps=1), output_dir=str(tmp_path / "run"), overwrite=True)
