@@ -94,13 +94,23 @@ class _Parser(ArgumentParser):
         return super().error(message, *args, **kwargs)
 
 
+# Boolean parameters of the subcommands accept the flag alone: `--quick` means `--quick true`.
+FLAGS = ("quick", "force", "overwrite", "resume", "progress")
+
+
 def _normalise_option_names(argv: list[str]) -> list[str]:
-    """``--output-dir x`` -> ``--output_dir x`` (only the option name, never its value)."""
+    """``--output-dir x`` -> ``--output_dir x`` (only the option name, never its value), and a bare
+    boolean flag (``--quick``) -> ``--quick true``."""
     out = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value
+            out.append(arg)
+            following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            if not eq and name.replace("-", "_") in FLAGS and following not in ("true", "false"):
+                out.append("true")
+            continue
         out.append(arg)
     return out
 

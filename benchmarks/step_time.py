@@ -1,0 +1,172 @@
+"""Median training-step time of every method preset, for two model sizes, in one run.
+
+Usage:
+    python benchmarks/step_time.py                     # full run (a few minutes on 2 CPU cores)
+    python benchmarks/step_time.py --quick             # smoke test
+    python benchmarks/step_time.py --device cuda --sizes medium:small,large:medium
+
+Each step is timed end to end (student and teacher forward, the divergence, one backward, the
+optimizer steps, OKD's module step) on batches of the built-in data. Teachers are randomly
+initialised: their weights do not change the cost. Writes ``benchmarks/results/step_time.json`` and
+prints a markdown table with the ratio okd / kd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from okd.config import METHOD_PRESETS, DataConfig, MethodConfig, ModelConfig, OnlineModuleConfig, TrainConfig  # noqa: E402
+from okd.data.builtin import build_builtin_dataset, builtin_texts  # noqa: E402
+from okd.evaluation import write_json_atomic  # noqa: E402
+from okd.models import build_model, count_parameters, save_pretrained_atomic, train_tokenizer  # noqa: E402
+from okd.training import Distiller  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+
+def time_preset(preset: str, setting: dict, args, online: OnlineModuleConfig, workdir: Path) -> dict:
+    distiller = Distiller(
+        model=ModelConfig(teacher=setting["teacher"], tokenizer=setting["tokenizer"], student_size=setting["student_size"]),
+        method=MethodConfig(name=preset),
+        online=online,
+        data=DataConfig(train_file=setting["train"], validation_file=None, max_length=args.max_length),
+        train=TrainConfig(max_steps=args.warmup + args.steps, batch_size=args.batch_size, log_every=10**9),
+        output_dir=str(workdir / f"{setting['name']}-{preset}"),
+        overwrite=True,
+        progress=False,
+    )
+    device = distiller.accelerator.device
+    # The same batches for every preset: the source is seeded identically.
+    batches = [{k: v.to(device) for k, v in distiller.source.next_batch().items()} for _ in range(args.warmup + args.steps)]
+    times = []
+    for step, batch in enumerate(batches, start=1):
+        update = distiller.module_optimizer is not None and step % online.update_every == 0
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        distiller.step = step
+        distiller.training_step(batch, update)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    measured = times[args.warmup :]
+    tokens = [int(b["attention_mask"].sum()) for b in batches[args.warmup :]]
+    return {
+        "median_seconds": statistics.median(measured),
+        "mean_seconds": statistics.mean(measured),
+        "min_seconds": min(measured),
+        "tokens_per_second": sum(tokens) / sum(measured),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="medium:small,large:medium", help="teacher:student size pairs")
+    parser.add_argument("--presets", default=",".join(METHOD_PRESETS), help="comma-separated presets")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per preset")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--online-kind", default="adapter", choices=["adapter", "lora"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: what Accelerate picks)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "step_time.json"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.steps, args.warmup, args.vocab_size = "tiny:nano", 3, 1, 1024
+        args.presets = "sft,kd,okd"
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+    presets = args.presets.split(",")
+    online = OnlineModuleConfig(kind=args.online_kind)
+    cache = ROOT / "results" / ".cache"
+    data_dir = cache / "data"
+    paths = build_builtin_dataset(data_dir)
+    tokenizer_dir = cache / f"tokenizer-{args.vocab_size}"
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        train_tokenizer(builtin_texts(data_dir), vocab_size=args.vocab_size).save_pretrained(str(tokenizer_dir))
+    from okd.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+
+    results = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "sizes": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for pair in args.sizes.split(","):
+            teacher_size, student_size = pair.split(":")
+            teacher = build_model("llama", teacher_size, vocab_size=len(tokenizer), max_positions=args.max_length)
+            teacher_dir = workdir / f"teacher-{teacher_size}"
+            save_pretrained_atomic(teacher, tokenizer, teacher_dir)
+            student_params = count_parameters(build_model("llama", student_size, vocab_size=len(tokenizer)))
+            setting = {
+                "name": pair.replace(":", "-"),
+                "teacher": str(teacher_dir),
+                "tokenizer": str(tokenizer_dir),
+                "student_size": student_size,
+                "train": str(paths["train"]),
+            }
+            entry = {
+                "teacher_size": teacher_size,
+                "student_size": student_size,
+                "teacher_parameters": count_parameters(teacher),
+                "student_parameters": student_params,
+                "presets": {},
+            }
+            for preset in presets:
+                entry["presets"][preset] = time_preset(preset, setting, args, online, workdir)
+                print(f"{pair} {preset}: {entry['presets'][preset]['median_seconds'] * 1000:.1f} ms/step", flush=True)
+            if "okd" in entry["presets"] and "kd" in entry["presets"]:
+                entry["okd_over_kd"] = entry["presets"]["okd"]["median_seconds"] / entry["presets"]["kd"]["median_seconds"]
+            results["sizes"].append(entry)
+
+    write_json_atomic(args.out, results)
+    lines = [
+        f"Command: `python benchmarks/{results['command']}`; machine: {results['machine']['platform']}, "
+        f"{results['machine']['cpu_count']} CPUs, torch {results['machine']['torch']}"
+        + (f", {results['machine']['cuda']}" if results["machine"]["cuda"] else ""),
+        "",
+        "| teacher -> student | " + " | ".join(presets) + " | okd / kd |",
+        "|---|" + "---:|" * (len(presets) + 1),
+    ]
+    for entry in results["sizes"]:
+        cells = [f"{entry['presets'][p]['median_seconds'] * 1000:.0f} ms" for p in presets]
+        ratio = f"{entry['okd_over_kd']:.3f}" if "okd_over_kd" in entry else "-"
+        lines.append(
+            f"| {entry['teacher_size']} ({entry['teacher_parameters'] / 1e6:.1f}M) -> {entry['student_size']} "
+            f"({entry['student_parameters'] / 1e6:.1f}M) | " + " | ".join(cells) + f" | {ratio} |"
+        )
+    table = "\n".join(lines)
+    Path(args.out).with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
