@@ -258,6 +258,9 @@ class Distiller:
         self.train_config, self.eval_config, self.progress = train, eval, progress
         self.output = Path(output_dir)
         self.accelerator = accelerator = Accelerator(
+            # Without an accelerator device, say so: Accelerate then runs several processes with gloo
+            # (`accelerate launch --multi_gpu --num_processes 2` on a CPU machine) instead of one.
+            cpu=not _has_accelerator_device(),
             mixed_precision=train.mixed_precision,
             log_with=list(train.report_to) or None,
             project_dir=str(self.output),
@@ -479,6 +482,14 @@ def distill(
     distiller.train()
     distiller.save()
     return RunResult(distiller.output, distiller.step, distiller.train_seconds, distiller.final_metrics)
+
+
+def _has_accelerator_device() -> bool:
+    if torch.cuda.is_available():
+        return True
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return True
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
 
 
 def _check_finite(losses: StepLosses, step: int, method: str) -> None:
