@@ -135,3 +135,60 @@ def test_refuses_to_overwrite_a_run(tiny_setting, tmp_path):
     with pytest.raises(FileExistsError, match="already holds a run"):
         distill(**configs(tiny_setting, "sft", steps=1), output_dir=str(tmp_path / "run"))
     distill(**configs(tiny_setting, "sft", steps=1), output_dir=str(tmp_path / "run"), overwrite=True)
+
+
+@pytest.mark.parametrize("method", ["kd", "okd"])
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_setting, tmp_path, method):
+    from safetensors.torch import load_file
+
+    def rows(path):
+        return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    kwargs = configs(tiny_setting, method, steps=8)
+    full = distill(**kwargs, output_dir=str(tmp_path / "full"))
+
+    # Interrupted run: 5 steps with a checkpoint every 2 (the last one at step 4), then resume to 8.
+    interrupted = configs(tiny_setting, method, steps=8)
+    interrupted["train"].checkpoint_every = 2
+    distiller = Distiller(**interrupted, output_dir=str(tmp_path / "resumed"))
+    original_step = distiller.training_step
+
+    def crash_at_step_6(batch, update_module):
+        if distiller.step == 6:
+            raise KeyboardInterrupt  # the process dies in the middle of the run
+        return original_step(batch, update_module)
+
+    distiller.training_step = crash_at_step_6
+    with pytest.raises(KeyboardInterrupt):
+        distiller.train()
+    checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000002", "step-00000004"]  # keep_checkpoints=2
+    resumed = distill(**interrupted, output_dir=str(tmp_path / "resumed"), resume=True)
+    assert resumed.steps == 8
+
+    full_rows, resumed_rows = rows(full.output_dir), rows(resumed.output_dir)
+    assert [r["step"] for r in resumed_rows] == list(range(1, 9))
+    for a, b in zip(full_rows, resumed_rows):
+        assert a["loss"] == b["loss"], f"step {a['step']}: {a['loss']} != {b['loss']}"
+    a = load_file(str(full.output_dir / "student" / "model.safetensors"))
+    b = load_file(str(resumed.output_dir / "student" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if method == "okd":
+        a = load_file(str(full.output_dir / "online_module" / "adapter.safetensors"))
+        b = load_file(str(resumed.output_dir / "online_module" / "adapter.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_incomplete_checkpoint_is_ignored(tiny_setting, tmp_path):
+    from okd.training import latest_checkpoint
+
+    kwargs = configs(tiny_setting, "kd", steps=4)
+    kwargs["train"].checkpoint_every = 2
+    distill(**kwargs, output_dir=str(tmp_path / "run"))
+    good = latest_checkpoint(tmp_path / "run")
+    assert good is not None and good.name == "step-00000002"
+    broken = tmp_path / "run" / "checkpoints" / "step-00000003"
+    broken.mkdir()
+    (broken / "state.pt").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="incomplete checkpoint"):
+        assert latest_checkpoint(tmp_path / "run") == good

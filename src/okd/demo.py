@@ -74,22 +74,29 @@ def _prepare_tokenizer(data_dir: Path, out: Path, vocab_size: int):
     return load_tokenizer(str(out))
 
 
-def _train_teacher(settings: DemoSettings, data: DataConfig, tokenizer_dir: Path, out: Path, log) -> Path:
-    """Train (or reuse) the teacher: a larger model trained with plain cross-entropy."""
-    from okd.training import distill
-
-    key = _fingerprint(
+def _teacher_key(settings: DemoSettings, data: DataConfig, tokenizer_dir: Path) -> str:
+    """What the cached teacher depends on; a different key retrains it."""
+    return _fingerprint(
         {
             "size": settings.teacher_size,
             "arch": settings.architecture,
             "steps": settings.teacher_steps,
             "lr": settings.teacher_learning_rate,
             "batch": settings.batch_size,
-            "data": dataclasses.asdict(data),
+            # The data's content (hashes in meta.json), not its location: a copied run dir still hits.
+            "data": (Path(data.train_file).parent / "meta.json").read_text(),
+            "max_length": data.max_length,
             "tokenizer": (tokenizer_dir / "okd_tokenizer.json").read_text(),
             "seed": settings.seed,
         }
     )
+
+
+def _train_teacher(settings: DemoSettings, data: DataConfig, tokenizer_dir: Path, out: Path, log) -> Path:
+    """Train (or reuse) the teacher: a larger model trained with plain cross-entropy."""
+    from okd.training import distill
+
+    key = _teacher_key(settings, data, tokenizer_dir)
     marker = out / "okd_teacher_key.txt"
     if (out / "student" / "config.json").exists() and marker.exists() and marker.read_text().strip() == key:
         log(f"teacher: reusing {out / 'student'} (same settings)")

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,21 +195,44 @@ def _learning_rate_schedule(optimizer, train: TrainConfig):
 RUN_MARKERS = ("metrics.jsonl", "run_config.yaml")
 
 
-def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory unless asked to overwrite."""
+def _prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to mix two runs in one directory unless asked to overwrite or resume."""
     existing = [name for name in RUN_MARKERS if (output_dir / name).exists()]
-    if existing and not overwrite:
+    if existing and not (overwrite or resume):
         raise FileExistsError(
-            f"{output_dir} already holds a run ({existing[0]}); pass --overwrite to replace it"
+            f"{output_dir} already holds a run ({existing[0]}); pass --overwrite to replace it "
+            "or --resume to continue it"
         )
-    if existing and overwrite:
-        for name in ("metrics.jsonl", "run_config.yaml", "student", "online_module", "checkpoints"):
+    if existing and overwrite and not resume:
+        for name in ("metrics.jsonl", "run_config.yaml", "train_summary.json", "student", "online_module", "checkpoints"):
             path = output_dir / name
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
+
+
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``output_dir/checkpoints`` (None if there is none).
+
+    A checkpoint counts only if its completion marker exists: it is written last, after every
+    other file, inside a directory that is renamed into place in one step. Incomplete ones are
+    skipped with a warning.
+    """
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    complete = []
+    for path in sorted(root.glob("step-*")):
+        if (path / CHECKPOINT_COMPLETE).exists():
+            complete.append(path)
+        else:
+            warnings.warn(f"ignoring incomplete checkpoint {path}")
+    return complete[-1] if complete else None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -246,6 +270,7 @@ class Distiller:
         output_dir: str = "runs/distill",
         overwrite: bool = False,
         progress: bool = True,
+        resume: bool = False,
     ):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -266,7 +291,7 @@ class Distiller:
             project_dir=str(self.output),
         )
         if accelerator.is_main_process:
-            _prepare_output_dir(self.output, overwrite)
+            _prepare_output_dir(self.output, overwrite, resume)
         accelerator.wait_for_everyone()
         set_seed(train.seed)
 
@@ -305,6 +330,13 @@ class Distiller:
         self.step = 0
         self.train_seconds = 0.0
         self.final_metrics: dict = {}
+        self.resumed_from: Path | None = None
+        if resume:
+            checkpoint = latest_checkpoint(self.output)
+            if checkpoint is not None:
+                self.load_checkpoint(checkpoint)
+            elif accelerator.is_main_process and (self.output / "metrics.jsonl").exists():
+                (self.output / "metrics.jsonl").unlink()  # nothing to resume from: start over
         self.run_config = {
             "model": dataclasses.asdict(model),
             "method": dataclasses.asdict(self.method),
@@ -352,7 +384,7 @@ class Distiller:
         if train.report_to:
             accelerator.init_trackers("okd", config={"method": self.method.name})
         self.student.train()
-        start = time.perf_counter()
+        start = self._segment_start = time.perf_counter()
         tokens_since_log, time_since_log = 0, start
         bar = tqdm(
             total=train.max_steps,
@@ -394,6 +426,8 @@ class Distiller:
                     metrics_file.flush()
                 if train.report_to:
                     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
+                self.save_checkpoint()
         bar.close()
         self.train_seconds += time.perf_counter() - start
         if accelerator.is_main_process:
@@ -401,6 +435,71 @@ class Distiller:
         if train.report_to:
             accelerator.end_training()
         return self.final_metrics
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write everything needed to continue exactly: weights, optimizer and scheduler states,
+        the online module and its optimizer, the data position, the RNG states and the step.
+
+        Written into a temporary directory that is renamed into place, with a completion marker
+        written last, so a crash mid-write never leaves a checkpoint that looks complete.
+        """
+        accelerator = self.accelerator
+        root = self.output / "checkpoints"
+        final = root / f"step-{self.step:08d}"
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".tmp-step-{self.step:08d}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            state = {
+                "student": accelerator.unwrap_model(self.student).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "module": self.teacher.module_state_dict() if self.online_config else None,
+                "module_optimizer": self.module_optimizer.state_dict() if self.module_optimizer else None,
+                "source": self.source.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            }
+            torch.save(state, tmp / "state.pt")
+            elapsed = self.train_seconds + time.perf_counter() - getattr(self, "_segment_start", time.perf_counter())
+            meta = {"step": self.step, "train_seconds": elapsed, "final_metrics": self.final_metrics}
+            (tmp / CHECKPOINT_COMPLETE).write_text(json.dumps(meta) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            kept = sorted(p for p in root.glob("step-*") if (p / CHECKPOINT_COMPLETE).exists())
+            for old in kept[: max(len(kept) - self.train_config.keep_checkpoints, 0)]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore a checkpoint written by ``save_checkpoint`` (on every process)."""
+        path = Path(path)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        meta = json.loads((path / CHECKPOINT_COMPLETE).read_text())
+        self.accelerator.unwrap_model(self.student).load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.online_config is not None:
+            self.teacher.load_module_state_dict(state["module"])
+            self.module_optimizer.load_state_dict(state["module_optimizer"])
+        self.source.load_state_dict(state["source"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = int(meta["step"])
+        self.train_seconds = float(meta["train_seconds"])
+        self.final_metrics = meta["final_metrics"]
+        self.resumed_from = path
+        # Metrics logged after the checkpoint belong to the interrupted attempt: drop them.
+        metrics = self.output / "metrics.jsonl"
+        if self.accelerator.is_main_process and metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            _atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     def validate(self) -> dict:
         metrics = validation_metrics(
@@ -459,6 +558,7 @@ def distill(
     eval: EvalConfig = EvalConfig(),
     output_dir: str = "runs/distill",
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> RunResult:
     """Distil a student from a teacher (any preset, OKD included) and save it.
@@ -476,9 +576,10 @@ def distill(
         eval: Held-out evaluation during training.
         output_dir: Directory for the run's outputs.
         overwrite: Replace a previous run in output_dir.
+        resume: Continue the run in output_dir from its latest complete checkpoint.
         progress: Show a progress bar.
     """
-    distiller = Distiller(model, method, online, data, train, eval, output_dir, overwrite, progress)
+    distiller = Distiller(model, method, online, data, train, eval, output_dir, overwrite, progress, resume)
     distiller.train()
     distiller.save()
     return RunResult(distiller.output, distiller.step, distiller.train_seconds, distiller.final_metrics)
