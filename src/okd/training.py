@@ -124,8 +124,10 @@ class DistillationLoss:
         update_module: bool = False,
     ) -> StepLosses:
         targets, mask = next_token_targets(labels)
-        ce = cross_entropy(student_logits, targets)
         ratio = self.method.kd_ratio
+        # With kd_ratio = 1 the student's CE is only logged: compute it without a graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (ratio < 1 or teacher_logits is None)):
+            ce = cross_entropy(student_logits, targets)
         if teacher_logits is None or ratio == 0:
             losses = StepLosses(loss=ce, ce=ce)
         else:
