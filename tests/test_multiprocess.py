@@ -41,3 +41,45 @@ def test_accelerate_launch_two_processes_keeps_online_module_identical(tiny_sett
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer: rank 0
     assert (out / "online_module" / "adapter.safetensors").exists()
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_setting, tmp_path):
+    """Same examples per step (2 x 4 vs 1 x 8): same logged losses and the same student, up to float rounding."""
+    import torch
+    from engine_helpers import configs
+    from safetensors.torch import load_file
+
+    from okd.training import distill
+
+    kwargs = configs(tiny_setting, "okd", steps=4)
+    kwargs["train"].batch_size = 8
+    single = distill(**kwargs, output_dir=str(tmp_path / "single"))
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "ddp"
+    command = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+        "-m", "okd.cli", "distill",
+        "--model.teacher", tiny_setting["teacher"], "--model.tokenizer", tiny_setting["tokenizer"],
+        "--model.student_size", "nano", "--method.name", "okd",
+        "--data.train_file", tiny_setting["train"], "--data.validation_file", tiny_setting["validation"],
+        "--data.max_length", "48", "--data.max_validation_examples", "32",
+        "--train.max_steps", "4", "--train.batch_size", "4", "--train.log_every", "1",
+        "--train.learning_rate", str(kwargs["train"].learning_rate), "--train.lr_scheduler", "constant",
+        "--output-dir", str(out), "--progress", "false",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def rows(path):
+        return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    for a, b in zip(rows(single.output_dir), rows(out), strict=True):
+        for term in ("loss", "ce", "kd", "module_loss"):
+            assert abs(a[term] - b[term]) <= 1e-4 * abs(a[term]) + 1e-6, (a["step"], term, a[term], b[term])
+    one = load_file(str(single.output_dir / "student" / "model.safetensors"))
+    two = load_file(str(out / "student" / "model.safetensors"))
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)

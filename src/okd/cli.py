@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
             as_positional=False,
             parser_class=_Parser,
         )
+    except KeyboardInterrupt as error:
+        # A second SIGINT/SIGTERM during training (the first one saves a checkpoint and returns).
+        print(f"okd: interrupted ({error or 'KeyboardInterrupt'})", file=sys.stderr)
+        raise SystemExit(130) from None
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         # Expected user errors get one line, not a traceback (OKD_TRACEBACK=1 shows it).
         if os.environ.get("OKD_TRACEBACK"):

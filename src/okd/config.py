@@ -216,9 +216,13 @@ class TrainConfig:
     log_every: int = 10
     """Write a metrics line every this many steps."""
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    """Save a resumable checkpoint every this many steps (0: none; an interrupted run (SIGINT or
+    SIGTERM) still saves one before it exits)."""
     keep_checkpoints: int = 2
     """How many periodic checkpoints to keep."""
+    skip_nonfinite_steps: bool = False
+    """On a NaN/inf loss or gradient, skip that step (counted in metrics as nonfinite_steps_skipped)
+    instead of stopping the run."""
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     """Extra experiment trackers (metrics.jsonl is always written)."""
 

@@ -24,6 +24,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -83,12 +85,13 @@ class StepLosses:
     module_loss: torch.Tensor | None = None  # the online module's loss (OKD update steps only)
     module_ce: torch.Tensor | None = None
     module_divergence: torch.Tensor | None = None
+    skipped: bool = False  # set when a non-finite step was skipped
 
     def as_floats(self) -> dict[str, float]:
         return {
             f.name: float(getattr(self, f.name).detach())
             for f in dataclasses.fields(self)
-            if getattr(self, f.name) is not None
+            if isinstance(getattr(self, f.name), torch.Tensor)
         }
 
 
@@ -249,6 +252,7 @@ class RunResult:
     steps: int
     train_seconds: float
     final_metrics: dict
+    interrupted: bool = False  # stopped by a signal: a checkpoint was saved, no final student
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +337,9 @@ class Distiller:
         self.train_seconds = 0.0
         self.final_metrics: dict = {}
         self.resumed_from: Path | None = None
+        self.nonfinite_steps_skipped = 0
+        self.interrupted = False
+        self._local_tokens = self._global_tokens = torch.tensor(1.0)  # set by every training step
         if resume:
             checkpoint = latest_checkpoint(self.output)
             if checkpoint is not None:
@@ -351,7 +358,12 @@ class Distiller:
 
     # -- one step -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
-        """Forward student and teacher once, backward once, step the optimizers."""
+        """Forward student and teacher once, backward once, step the optimizers.
+
+        A NaN/inf loss term or gradient stops the run with an error naming the step, the term and the
+        method (checkpoints already written stay as they are), or, with ``train.skip_nonfinite_steps``,
+        skips the update and counts it.
+        """
         accelerator = self.accelerator
         with accelerator.autocast():
             student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -361,33 +373,96 @@ class Distiller:
                     batch["input_ids"], batch["attention_mask"], track_module_grad=update_module
                 )
             losses = self.loss_fn(student_logits, teacher_logits, batch["labels"], update_module=update_module)
-        _check_finite(losses, self.step, self.method.name)
+        # Every process must take the same branch (a skipped backward on one rank would leave the
+        # others waiting in DDP's all-reduce), so the verdict is agreed on across processes.
+        bad_term = self._agree_nonfinite(_first_nonfinite(losses))
+        if bad_term is not None:
+            return self._nonfinite(losses, bad_term)
         # One backward: the student's loss sees the teacher detached and the module's loss sees the
         # student detached, so each gradient lands only where it belongs.
         total = losses.loss if losses.module_loss is None else losses.loss + losses.module_loss
-        accelerator.backward(total)
-        if self.train_config.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(self.student.parameters(), self.train_config.max_grad_norm)
+        accelerator.backward(total * self._token_share(batch["labels"]))
+        max_norm = self.train_config.max_grad_norm
+        grad_norm = accelerator.clip_grad_norm_(self.student.parameters(), max_norm if max_norm is not None else math.inf)
+        if update_module:
+            _average_gradients(self.teacher.module_parameters(), accelerator)
+            module_norm = torch.nn.utils.clip_grad_norm_(self.teacher.module_parameters(), math.inf)
+            grad_norm = grad_norm + module_norm
+        bad_term = self._agree_nonfinite(None if torch.isfinite(grad_norm) else "gradient")
+        if bad_term is not None:
+            return self._nonfinite(losses, bad_term)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if update_module:
-            _average_gradients(self.teacher.module_parameters(), accelerator)
             self.module_optimizer.step()
             self.module_optimizer.zero_grad(set_to_none=True)
         return losses
 
+    def _token_share(self, labels: torch.Tensor) -> torch.Tensor | float:
+        """Loss scale that makes multi-process gradients equal to one process's on the global batch.
+
+        Each loss is a mean over this process's loss tokens; DDP (and the module's explicit
+        averaging) then averages over processes. Scaling by ``local_tokens * processes /
+        global_tokens`` turns that average of means into the mean over all the global batch's
+        tokens, which is what one process with the whole batch computes.
+        """
+        self._local_tokens = (labels[:, 1:] != IGNORE_INDEX).sum().float()
+        if self.accelerator.num_processes == 1:
+            self._global_tokens = self._local_tokens
+            return 1.0
+        self._global_tokens = self.accelerator.reduce(self._local_tokens.clone(), reduction="sum")
+        return self._local_tokens * self.accelerator.num_processes / self._global_tokens.clamp(min=1)
+
+    def _global_means(self, values: dict[str, float]) -> dict[str, float]:
+        """Token-weighted means of this step's loss terms over all processes (for logging)."""
+        if self.accelerator.num_processes == 1 or not values:
+            return values
+        local = torch.tensor(list(values.values()), dtype=torch.float64, device=self.accelerator.device)
+        summed = self.accelerator.reduce(local * float(self._local_tokens), reduction="sum")
+        return dict(zip(values, (summed / max(float(self._global_tokens), 1.0)).tolist()))
+
+    def _agree_nonfinite(self, bad_term: str | None) -> str | None:
+        if self.accelerator.num_processes == 1:
+            return bad_term
+        flag = torch.tensor([0.0 if bad_term is None else 1.0], device=self.accelerator.device)
+        if float(self.accelerator.reduce(flag, reduction="sum")) == 0:
+            return None
+        return bad_term or "loss on another process"
+
+    def _nonfinite(self, losses: StepLosses, term: str) -> StepLosses:
+        """Skip (when allowed) or stop on a non-finite loss term or gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.module_optimizer is not None:
+            self.module_optimizer.zero_grad(set_to_none=True)
+        if not self.train_config.skip_nonfinite_steps:
+            checkpoint = latest_checkpoint(self.output)
+            kept = f"; last good checkpoint: {checkpoint}" if checkpoint else "; no checkpoint was written before it"
+            raise FloatingPointError(
+                f"non-finite {term} at step {self.step} of method {self.method.name!r}{kept} "
+                "(set train.skip_nonfinite_steps=true to skip such steps)"
+            )
+        # Keep the learning-rate schedule aligned with the step count; the parameters do not move.
+        self.scheduler.step()
+        self.nonfinite_steps_skipped += 1
+        losses.skipped = True
+        return losses
+
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
+        """Run steps until ``train.max_steps``, or until SIGINT/SIGTERM asks to stop.
+
+        On the first SIGINT or SIGTERM the current step finishes, a checkpoint is written and the
+        loop returns with ``self.interrupted = True`` (resume with ``--resume``); a second signal
+        stops at once.
+        """
         train, accelerator = self.train_config, self.accelerator
         if accelerator.is_main_process:
             _atomic_write_text(self.output / "run_config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
-            metrics_file = open(self.output / "metrics.jsonl", "a")
         if train.report_to:
             accelerator.init_trackers("okd", config={"method": self.method.name})
         self.student.train()
         start = self._segment_start = time.perf_counter()
-        tokens_since_log, time_since_log = 0, start
         bar = tqdm(
             total=train.max_steps,
             initial=self.step,
@@ -395,6 +470,22 @@ class Distiller:
             disable=not (self.progress and accelerator.is_main_process),
             dynamic_ncols=True,
         )
+        metrics_file = open(self.output / "metrics.jsonl", "a") if accelerator.is_main_process else None
+        try:
+            with _StopOnSignal() as stop:
+                self._loop(bar, metrics_file, stop)
+        finally:
+            bar.close()
+            self.train_seconds += time.perf_counter() - start
+            if metrics_file is not None:
+                metrics_file.close()
+        if train.report_to:
+            accelerator.end_training()
+        return self.final_metrics
+
+    def _loop(self, bar, metrics_file, stop: "_StopOnSignal") -> None:
+        train, accelerator = self.train_config, self.accelerator
+        tokens_since_log, time_since_log = 0, time.perf_counter()
         while self.step < train.max_steps:
             self.step += 1
             step = self.step
@@ -404,17 +495,21 @@ class Distiller:
 
             tokens_since_log += int(batch["attention_mask"].sum()) * accelerator.num_processes
             bar.update(1)
-            if step % train.log_every == 0 or step == train.max_steps:
+            stopping = self._agree_stop(stop.requested)
+            if step % train.log_every == 0 or step == train.max_steps or losses.skipped or stopping:
                 now = time.perf_counter()
                 record = {
                     "step": step,
-                    **losses.as_floats(),
+                    **self._global_means(losses.as_floats()),
                     "learning_rate": self.scheduler.get_last_lr()[0],
-                    "module_updated": update_module,
+                    "module_updated": update_module and not losses.skipped,
                     "tokens_per_second": tokens_since_log / max(now - time_since_log, 1e-9),
-                    "elapsed_seconds": now - start,
+                    "elapsed_seconds": self.train_seconds + now - self._segment_start,
                     "epoch": self.source.state.epoch,
+                    "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
                 }
+                if losses.skipped:
+                    record["skipped"] = True
                 if self.module_optimizer is not None:
                     record["module_learning_rate"] = self.module_optimizer.param_groups[0]["lr"]
                 tokens_since_log, time_since_log = 0, now
@@ -423,20 +518,26 @@ class Distiller:
                     record.update(self.validate())
                 self.final_metrics = record
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if accelerator.is_main_process:
-                    metrics_file.write(json.dumps(record) + "\n")
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
                     metrics_file.flush()
                 if train.report_to:
                     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+            if stopping and step < train.max_steps:
+                path = self.save_checkpoint()
+                self.interrupted = True
+                if accelerator.is_main_process:
+                    tqdm.write(f"okd: stopped by signal after step {step}; checkpoint {path}; continue with --resume")
+                return
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
                 self.save_checkpoint()
-        bar.close()
-        self.train_seconds += time.perf_counter() - start
-        if accelerator.is_main_process:
-            metrics_file.close()
-        if train.report_to:
-            accelerator.end_training()
-        return self.final_metrics
+
+    def _agree_stop(self, requested: bool) -> bool:
+        """A stop request on any process stops all of them after the same step."""
+        if self.accelerator.num_processes == 1:
+            return requested
+        flag = torch.tensor([1.0 if requested else 0.0], device=self.accelerator.device)
+        return float(self.accelerator.reduce(flag, reduction="sum")) > 0
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -467,7 +568,12 @@ class Distiller:
             }
             torch.save(state, tmp / "state.pt")
             elapsed = self.train_seconds + time.perf_counter() - getattr(self, "_segment_start", time.perf_counter())
-            meta = {"step": self.step, "train_seconds": elapsed, "final_metrics": self.final_metrics}
+            meta = {
+                "step": self.step,
+                "train_seconds": elapsed,
+                "final_metrics": self.final_metrics,
+                "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
+            }
             (tmp / CHECKPOINT_COMPLETE).write_text(json.dumps(meta) + "\n")
             if final.exists():
                 shutil.rmtree(final)
@@ -496,6 +602,7 @@ class Distiller:
         self.step = int(meta["step"])
         self.train_seconds = float(meta["train_seconds"])
         self.final_metrics = meta["final_metrics"]
+        self.nonfinite_steps_skipped = int(meta.get("nonfinite_steps_skipped", 0))
         self.resumed_from = path
         # Metrics logged after the checkpoint belong to the interrupted attempt: drop them.
         metrics = self.output / "metrics.jsonl"
@@ -583,8 +690,46 @@ def distill(
     """
     distiller = Distiller(model, method, online, data, train, eval, output_dir, overwrite, progress, resume)
     distiller.train()
-    distiller.save()
-    return RunResult(distiller.output, distiller.step, distiller.train_seconds, distiller.final_metrics)
+    if not distiller.interrupted:
+        distiller.save()
+    return RunResult(
+        distiller.output, distiller.step, distiller.train_seconds, distiller.final_metrics, distiller.interrupted
+    )
+
+
+class _StopOnSignal:
+    """Within the block, the first SIGINT/SIGTERM sets ``requested``; a second one raises
+    KeyboardInterrupt at once. Previous handlers come back on exit. (Handlers can only be set
+    from the main thread; elsewhere this does nothing.)"""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self._restore()
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.requested = True
+        tqdm.write(f"okd: {signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+                   "(send it again to stop at once)")
+
+    def _restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
 
 
 def _has_accelerator_device() -> bool:
@@ -595,10 +740,14 @@ def _has_accelerator_device() -> bool:
     return hasattr(torch, "xpu") and torch.xpu.is_available()
 
 
-def _check_finite(losses: StepLosses, step: int, method: str) -> None:
-    for name, value in losses.as_floats().items():
-        if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite {name} ({value}) at step {step} of method {method!r}")
+def _first_nonfinite(losses: StepLosses) -> str | None:
+    """The loss terms that are NaN or inf (e.g. "kd loss (nan)"), or None. The total ("loss") is
+    named only when no term it is made of is to blame."""
+    bad = {name: value for name, value in losses.as_floats().items() if not math.isfinite(value)}
+    if not bad:
+        return None
+    culprits = [name for name in bad if name != "loss"] or ["loss"]
+    return " and ".join(f"{name} loss ({bad[name]})" for name in culprits)
 
 
 def _average_gradients(parameters, accelerator) -> None:

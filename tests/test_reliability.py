@@ -1,0 +1,132 @@
+"""Safe interruption (SIGINT/SIGTERM) and numerical faults (NaN/inf losses and gradients)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import configs
+
+from okd.training import Distiller, distill, latest_checkpoint
+
+
+def _cli_command(setting, out: Path, steps: int, *extra: str) -> list[str]:
+    okd = Path(sys.executable).with_name("okd")
+    return [
+        str(okd), "distill",
+        "--model.teacher", setting["teacher"], "--model.tokenizer", setting["tokenizer"],
+        "--model.student_size", "nano", "--method.name", "okd",
+        "--data.train_file", setting["train"], "--data.validation_file", setting["validation"],
+        "--data.max_length", "48", "--train.max_steps", str(steps), "--train.batch_size", "4",
+        "--train.log_every", "1", "--output-dir", str(out), "--progress", "false", *extra,
+    ]
+
+
+def _wait_for_steps(metrics: Path, n: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"process ended early: {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("training did not start in time")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_writes_a_checkpoint_and_exits_cleanly_then_resume_finishes(tiny_setting, tmp_path, signum):
+    out = tmp_path / "run"
+    process = subprocess.Popen(_cli_command(tiny_setting, out, 100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(out / "metrics.jsonl", 3, process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-2000:]
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None, stderr[-2000:]
+    stopped_at = json.loads((checkpoint / "checkpoint_complete.json").read_text())["step"]
+    assert stopped_at >= 3
+    assert not (out / "student").exists()  # an interrupted run is not a finished one
+    assert "--resume" in stderr
+
+    total = stopped_at + 3
+    resumed = subprocess.run(_cli_command(tiny_setting, out, total, "--resume"), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, total + 1))
+    assert (out / "student" / "model.safetensors").exists()
+
+
+def test_second_signal_stops_at_once(tiny_setting, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(_cli_command(tiny_setting, out, 100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(out / "metrics.jsonl", 2, process)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    process.communicate(timeout=60)
+    assert time.monotonic() - start < 30
+    assert process.returncode == 130
+    assert not (out / "student").exists()
+    # Whatever was written is either a complete checkpoint or ignored on resume, never a broken one.
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None:
+        assert (checkpoint / "state.pt").exists()
+
+
+def _inject(distiller: Distiller, at_step: int, where: str):
+    """Make the loss (or a gradient) of one step NaN."""
+    original = distiller.loss_fn
+
+    def loss_fn(*args, **kwargs):
+        losses = original(*args, **kwargs)
+        if distiller.step == at_step and where == "loss":
+            losses.kd = losses.kd * float("nan")
+            losses.loss = losses.kd
+        if distiller.step == at_step and where == "gradient":
+            losses.loss.register_hook(lambda grad: grad * float("inf"))
+        return losses
+
+    distiller.loss_fn = loss_fn
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_nonfinite_stops_with_a_message_naming_step_term_and_method(tiny_setting, tmp_path, where):
+    kwargs = configs(tiny_setting, "kd", steps=6)
+    kwargs["train"].checkpoint_every = 2
+    distiller = Distiller(**kwargs, output_dir=str(tmp_path / "run"))
+    _inject(distiller, 4, where)
+    with pytest.raises(FloatingPointError) as raised:
+        distiller.train()
+    message = str(raised.value)
+    assert "step 4" in message and "'kd'" in message
+    assert ("kd loss" if where == "loss" else "gradient") in message
+    assert "step-00000002" in message  # the last good checkpoint is named and kept
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
+
+
+def test_skip_nonfinite_steps_skips_and_counts(tiny_setting, tmp_path):
+    kwargs = configs(tiny_setting, "kd", steps=5)
+    kwargs["train"].skip_nonfinite_steps = True
+    distiller = Distiller(**kwargs, output_dir=str(tmp_path / "run"))
+    _inject(distiller, 3, "gradient")
+    snapshots = {}
+    original_step = distiller.training_step
+
+    def recording_step(batch, update_module):
+        losses = original_step(batch, update_module)
+        snapshots[distiller.step] = [p.detach().clone() for p in distiller.student.parameters()]
+        return losses
+
+    distiller.training_step = recording_step
+    distiller.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in rows] == [False, False, True, False, False]
+    assert rows[-1]["nonfinite_steps_skipped"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))  # the skipped step moved nothing
+    assert all(torch.isfinite(p).all() for p in distiller.student.parameters())
