@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -110,7 +111,7 @@ class DistillationLoss:
         self.divergence = get_divergence(method.divergence, **method.divergence_params)
         self.chunk_tokens = chunk_tokens
 
-    def _divergence(self, target_logits, learner_logits, mask):
+    def divergence_between(self, target_logits, learner_logits, mask):
         return self.divergence(
             target_logits,
             learner_logits,
@@ -134,14 +135,14 @@ class DistillationLoss:
         if teacher_logits is None or ratio == 0:
             losses = StepLosses(loss=ce, ce=ce)
         else:
-            kd = self._divergence(teacher_logits.detach(), student_logits, mask)
+            kd = self.divergence_between(teacher_logits.detach(), student_logits, mask)
             loss = kd if ratio == 1 else (1 - ratio) * ce + ratio * kd
             losses = StepLosses(loss=loss, ce=ce, kd=kd)
         if update_module:
             # The module moves the teacher toward the (detached) student with the same divergence,
             # roles swapped, while CE on the data keeps the adapted teacher accurate.
             module_ce = cross_entropy(teacher_logits, targets)
-            module_div = self._divergence(student_logits.detach(), teacher_logits, mask)
+            module_div = self.divergence_between(student_logits.detach(), teacher_logits, mask)
             losses.module_ce = module_ce
             losses.module_divergence = module_div
             losses.module_loss = self.online.ce_weight * module_ce + self.online.student_weight * module_div
@@ -527,7 +528,7 @@ class Distiller:
                 path = self.save_checkpoint()
                 self.interrupted = True
                 if accelerator.is_main_process:
-                    tqdm.write(f"okd: stopped by signal after step {step}; checkpoint {path}; continue with --resume")
+                    tqdm.write(f"okd: stopped by signal after step {step}; checkpoint {path}; continue with --resume", file=sys.stderr)
                 return
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
                 self.save_checkpoint()
@@ -713,8 +714,11 @@ class _StopOnSignal:
             self._restore()
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
         self.requested = True
-        tqdm.write(f"okd: {signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
-                   "(send it again to stop at once)")
+        tqdm.write(
+            f"okd: {signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+        )
 
     def _restore(self):
         for signum, handler in self._previous.items():
@@ -776,7 +780,7 @@ def validation_metrics(student, teacher, dataset, collator, loss_fn: Distillatio
         ce_sum += float(cross_entropy(logits, targets)) * n
         if teacher is not None:
             teacher_logits = teacher(batch["input_ids"], batch["attention_mask"])
-            kd_sum += float(loss_fn._divergence(teacher_logits, logits, mask)) * n
+            kd_sum += float(loss_fn.divergence_between(teacher_logits, logits, mask)) * n
         tokens += n
     metrics = {"validation_ce": ce_sum / max(tokens, 1)}
     if teacher is not None:
