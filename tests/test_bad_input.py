@@ -110,8 +110,10 @@ def _snapshot(root: Path) -> dict[str, str]:
 GOOD = json.dumps({"prompt": "Reverse: alpha bravo\nAnswer:", "response": " bravo alpha"})
 
 
-def _jsonl(path: Path, *lines: str | bytes) -> Path:
-    """Write ``lines`` (str or raw bytes) as a file, one per line."""
+def _jsonl(path: Path, *lines: str | bytes, pad: bool = True) -> Path:
+    """Write ``lines`` (str or raw bytes) as a file, one per line, followed (``pad``) by enough
+    good examples that the file has more than one batch: the culprit is then the only problem."""
+    lines = lines + ((GOOD,) * 6 if pad else ())
     path.write_bytes(b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\n" for ln in lines))
     return path
 
@@ -192,7 +194,10 @@ EMPTY = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(EMPTY))
+@pytest.mark.parametrize(
+    "case",
+    sorted(EMPTY),
+)
 def test_empty_prompt_or_response_names_file_and_line(tiny_setting, tmp_path, capsys, case):
     record, what = EMPTY[case]
     bad = _jsonl(tmp_path / "bad_train.jsonl", GOOD, GOOD, json.dumps(record))
@@ -250,8 +255,8 @@ def _too_long_setup(tmp_path: Path) -> tuple[Path, Path]:
     example is short enough to fit. Returns (train file, validation file)."""
     short = [json.dumps({"prompt": "R: a\nA:", "response": " a"}) for _ in range(4)]
     long = json.dumps({"prompt": "Reverse: alpha\nAnswer:", "response": " " + " ".join(["alpha bravo charlie"] * 10)})
-    train = _jsonl(tmp_path / "long_train.jsonl", short[0], short[1], long, short[2], short[3])
-    validation = _jsonl(tmp_path / "short_validation.jsonl", *short)
+    train = _jsonl(tmp_path / "long_train.jsonl", short[0], short[1], long, short[2], short[3], pad=False)
+    validation = _jsonl(tmp_path / "short_validation.jsonl", *short, pad=False)
     return train, validation
 
 
@@ -525,7 +530,10 @@ def test_output_dir_without_a_run_is_accepted(tiny_setting, tmp_path, capsys):
     assert (out / "student" / "config.json").exists()
 
 
-@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+@pytest.mark.parametrize(
+    "flag",
+    ["--overwrite", "--resume"],
+)
 def test_bad_input_with_overwrite_or_resume_keeps_the_previous_run(tiny_setting, finished_run, tmp_path, capsys, flag):
     """A command that fails on bad input changes nothing: with --overwrite or --resume, the run
     already in the directory is still there, unchanged."""

@@ -84,14 +84,17 @@ def demo(quick: bool = False, output_dir: str = "runs/demo", methods: str | None
 class _Parser(ArgumentParser):
     """jsonargparse's parser, with a suggestion when an option or config key is misspelled."""
 
-    def error(self, message, *args, **kwargs):
+    def error(self, message, ex=None):
         match = re.search(r"(?:option|arguments?:?) '?-*([\w.\-]+)'?", message)
         if match:
-            known = [o.lstrip("-") for a in self._actions for o in a.option_strings]
+            # A subcommand's unknown key (from the command line or a --config file) is reported by
+            # the top-level parser; the keys to compare with are the subcommand's.
+            parser = getattr(ex, "subcommand_parser", None) or self
+            known = [o.lstrip("-") for a in parser._actions for o in a.option_strings]
             close = difflib.get_close_matches(match.group(1), known, n=1)
             if close:
                 message = f"{message} (did you mean --{close[0]}?)"
-        return super().error(message, *args, **kwargs)
+        return super().error(message, ex)
 
 
 # Boolean parameters of the subcommands accept the flag alone: `--quick` means `--quick true`.

@@ -189,6 +189,15 @@ class DataConfig:
     """Use only the first N validation examples."""
 
 
+    def __post_init__(self):
+        for name in ("max_train_examples", "max_validation_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name}={value} leaves no examples; use >= 1, or leave it empty for all")
+        if self.max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation of the student."""

@@ -472,7 +472,7 @@ def logits_width(model: PreTrainedModel) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
-def _tokenizer_differences(
+def tokenizer_differences(
     teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase
 ) -> list[str]:
     """Human-readable ways in which two tokenizers differ; empty when they are the same."""
@@ -527,7 +527,7 @@ def check_compatible(
             narrower than the tokenizer (the message names both widths and the tokenizer
             length).
     """
-    problems = _tokenizer_differences(teacher_tokenizer, student_tokenizer)
+    problems = tokenizer_differences(teacher_tokenizer, student_tokenizer)
     if problems:
         raise ValueError("teacher and student tokenizers differ: " + "; ".join(problems))
     t_width, s_width = logits_width(teacher_model), logits_width(student_model)

@@ -155,7 +155,7 @@ class DistillationLoss:
 def _load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConfig, max_length: int):
     """Load tokenizer, student and (when the method needs one) the teacher."""
     from okd.data import ensure_pad_token
-    from okd.models import build_model, check_compatible, load_model, load_tokenizer
+    from okd.models import build_model, check_compatible, load_model, load_tokenizer, tokenizer_differences
 
     tokenizer_source = model_cfg.tokenizer or model_cfg.teacher or model_cfg.student
     if not tokenizer_source:
@@ -182,9 +182,32 @@ def _load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainCon
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+    # The tokenizers saved with the teacher and the student (when they have one) must be the one
+    # the data is tokenised with: distillation compares distributions token id by token id.
+    for role, source in (("teacher", model_cfg.teacher if teacher_model is not None else None), ("student", model_cfg.student)):
+        saved = _saved_tokenizer(source) if source and source != tokenizer_source else None
+        problems = tokenizer_differences(tokenizer, saved) if saved is not None else []
+        if problems:
+            raise ValueError(
+                f"the {role}'s tokenizer ({source}) differs from the one used for the data "
+                f"({tokenizer_source}): " + "; ".join(problems)
+            )
     if teacher_model is not None:
         check_compatible(teacher_model, student, tokenizer, tokenizer)
     return tokenizer, student, teacher_model
+
+
+def _saved_tokenizer(source: str):
+    """The tokenizer stored with a model, or None if there is none to be found."""
+    from okd.data import ensure_pad_token
+    from okd.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(source)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    ensure_pad_token(tokenizer)
+    return tokenizer
 
 
 def _learning_rate_schedule(optimizer, train: TrainConfig):
@@ -198,19 +221,23 @@ def _learning_rate_schedule(optimizer, train: TrainConfig):
     )
 
 
-RUN_MARKERS = ("metrics.jsonl", "run_config.yaml")
+RUN_OUTPUTS = ("metrics.jsonl", "run_config.yaml", "train_summary.json", "student", "online_module", "checkpoints")
 
 
-def _prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to mix two runs in one directory unless asked to overwrite or resume."""
-    existing = [name for name in RUN_MARKERS if (output_dir / name).exists()]
+def _check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to mix two runs in one directory unless asked to overwrite or resume (touches nothing)."""
+    existing = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     if existing and not (overwrite or resume):
         raise FileExistsError(
             f"{output_dir} already holds a run ({existing[0]}); pass --overwrite to replace it "
             "or --resume to continue it"
         )
-    if existing and overwrite and not resume:
-        for name in ("metrics.jsonl", "run_config.yaml", "train_summary.json", "student", "online_module", "checkpoints"):
+
+
+def _clear_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Called once the models and data have loaded: only then is a previous run replaced."""
+    if overwrite and not resume:
+        for name in RUN_OUTPUTS:
             path = output_dir / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -297,9 +324,7 @@ class Distiller:
             log_with=list(train.report_to) or None,
             project_dir=str(self.output),
         )
-        if accelerator.is_main_process:
-            _prepare_output_dir(self.output, overwrite, resume)
-        accelerator.wait_for_everyone()
+        _check_output_dir(self.output, overwrite, resume)
         set_seed(train.seed)
 
         self.tokenizer, student, teacher_model = _load_models(model, self.method, train, data.max_length)
@@ -309,7 +334,7 @@ class Distiller:
 
         def load_split(path, limit):
             examples = read_jsonl(path, tokenizer=self.tokenizer)
-            return InstructionDataset(examples[:limit] if limit else examples, self.tokenizer, data.max_length)
+            return InstructionDataset(examples[:limit] if limit is not None else examples, self.tokenizer, data.max_length)
 
         self.train_set = load_split(data.train_file, data.max_train_examples)
         self.validation_set = (
@@ -324,6 +349,11 @@ class Distiller:
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
+
+        # Everything the run needs has loaded and been checked: only now touch the output directory.
+        if accelerator.is_main_process:
+            _clear_output_dir(self.output, overwrite, resume)
+        accelerator.wait_for_everyone()
 
         optimizer = torch.optim.AdamW(student.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
         scheduler = _learning_rate_schedule(optimizer, train)

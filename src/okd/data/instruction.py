@@ -37,7 +37,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,8 @@ class Example:
 
     prompt: str
     response: str
+    source: str | None = field(default=None, compare=False)
+    """Where the example came from (``file, line N``), used in error messages."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +107,9 @@ def _format_chat(messages: Any, tokenizer) -> tuple[str, str]:
                 raise DataError(f"messages[{i}]: {err}") from None
     if len(messages) < 2:
         raise DataError("'messages' needs at least one message before the assistant's reply")
+    for i, message in enumerate(messages):
+        if not message["content"].strip():
+            raise DataError(f"messages[{i}] ({message['role']}) has empty content")
     *history, last = messages
     if last["role"] != "assistant":
         raise DataError(f"the last message must have role 'assistant', got {last['role']!r}")
@@ -190,7 +195,9 @@ def read_jsonl(path: str | os.PathLike, tokenizer=None) -> list[Example]:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         try:
-            examples.append(format_record(record, tokenizer))
+            example = format_record(record, tokenizer)
+            example.source = where
+            examples.append(example)
         except DataError as err:
             raise DataError(f"{where}: {err}") from None
     if not examples:
@@ -285,7 +292,7 @@ def tokenize_example(
     ``DataError`` (naming ``index``) if ``max_length`` cannot hold that guarantee plus one
     prompt token.
     """
-    where = f"example {index}" if index is not None else "example"
+    where = example.source or (f"example {index}" if index is not None else "example")
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
     prompt_ids = list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
