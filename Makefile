@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt "torch==2.13.0"
-	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt -e ".[test]"
+	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt -e ".[test,compare]"
 	touch $(STAMP)
 
 install: $(STAMP)
