@@ -14,6 +14,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+# Tiny models gain nothing from a second thread, and two busy processes with two OpenMP threads each
+# on a 2-core machine slow each other down many times over (the tests start subprocesses).
+torch.set_num_threads(1)
+
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 

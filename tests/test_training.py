@@ -24,9 +24,12 @@ def _initial_and_final_validation(setting, tmp_path, method, steps=25, **kw):
 @pytest.mark.parametrize("method", sorted(METHOD_PRESETS))
 def test_every_preset_learns(tiny_setting, tmp_path, method):
     distiller, before, after, rows = _initial_and_final_validation(tiny_setting, tmp_path, method)
-    first = sum(r["loss"] for r in rows[:5]) / 5
-    last = sum(r["loss"] for r in rows[-5:]) / 5
-    assert last < first, f"{method}: training loss did not go down ({first:.4f} -> {last:.4f})"
+    if METHOD_PRESETS[method]["source"] in ("ground_truth", "teacher_generated"):
+        # On student-generated batches the training loss is measured on ever-changing sequences,
+        # so only the held-out metrics below compare like with like for those methods.
+        first = sum(r["loss"] for r in rows[:5]) / 5
+        last = sum(r["loss"] for r in rows[-5:]) / 5
+        assert last < first, f"{method}: training loss did not go down ({first:.4f} -> {last:.4f})"
     assert after["validation_ce"] < before["validation_ce"]
     if distiller.teacher is not None and method != "sft":
         # Held-out divergence to the teacher goes down: the student moves toward the teacher.
@@ -137,18 +140,31 @@ def test_refuses_to_overwrite_a_run(tiny_setting, tmp_path):
     distill(**configs(tiny_setting, "sft", steps=1), output_dir=str(tmp_path / "run"), overwrite=True)
 
 
-@pytest.mark.parametrize("method", ["kd", "okd"])
+def _resumable_configs(setting, method):
+    from okd.config import SamplingConfig
+
+    kwargs = configs(setting, method, steps=8)
+    # Short generations; DistiLLM starts with a high threshold and a small buffer so that fresh
+    # samples, replays and ground truth all occur within 8 steps.
+    kwargs["sampling"] = SamplingConfig(
+        max_new_tokens=6, init_threshold=0.7, replay_capacity=16, replay_ratio="0.5", loss_eps=0.0
+    )
+    kwargs["eval"].every = 3  # validation drives DistiLLM's threshold
+    return kwargs
+
+
+@pytest.mark.parametrize("method", ["kd", "okd", "gkd", "distillm"])
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_setting, tmp_path, method):
     from safetensors.torch import load_file
 
     def rows(path):
         return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
-    kwargs = configs(tiny_setting, method, steps=8)
+    kwargs = _resumable_configs(tiny_setting, method)
     full = distill(**kwargs, output_dir=str(tmp_path / "full"))
 
     # Interrupted run: 5 steps with a checkpoint every 2 (the last one at step 4), then resume to 8.
-    interrupted = configs(tiny_setting, method, steps=8)
+    interrupted = _resumable_configs(tiny_setting, method)
     interrupted["train"].checkpoint_every = 2
     distiller = Distiller(**interrupted, output_dir=str(tmp_path / "resumed"))
     original_step = distiller.training_step
@@ -170,6 +186,8 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_setting, t
     assert [r["step"] for r in resumed_rows] == list(range(1, 9))
     for a, b in zip(full_rows, resumed_rows):
         assert a["loss"] == b["loss"], f"step {a['step']}: {a['loss']} != {b['loss']}"
+        source_stats = {k: v for k, v in a.items() if k.startswith("source_")}
+        assert source_stats == {k: b[k] for k in source_stats}, f"step {a['step']}: source state differs"
     a = load_file(str(full.output_dir / "student" / "model.safetensors"))
     b = load_file(str(resumed.output_dir / "student" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -192,3 +210,29 @@ def test_incomplete_checkpoint_is_ignored(tiny_setting, tmp_path):
     (broken / "state.pt").write_bytes(b"truncated")
     with pytest.warns(UserWarning, match="incomplete checkpoint"):
         assert latest_checkpoint(tmp_path / "run") == good
+
+
+def test_gkd_with_zero_on_policy_ratio_equals_ground_truth_jsd(tiny_setting, tmp_path):
+    from safetensors.torch import load_file
+
+    from okd.config import SamplingConfig
+
+    jsd = distill(**configs(tiny_setting, "jsd", steps=5), output_dir=str(tmp_path / "jsd"))
+    gkd = distill(
+        **configs(tiny_setting, "gkd", steps=5), sampling=SamplingConfig(on_policy_ratio=0.0),
+        output_dir=str(tmp_path / "gkd"),
+    )
+    a = load_file(str(jsd.output_dir / "student" / "model.safetensors"))
+    b = load_file(str(gkd.output_dir / "student" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gkd_with_full_on_policy_ratio_never_uses_ground_truth(tiny_setting, tmp_path):
+    from okd.config import SamplingConfig
+
+    run = distill(
+        **configs(tiny_setting, "gkd", steps=4), sampling=SamplingConfig(on_policy_ratio=1.0, max_new_tokens=6),
+        output_dir=str(tmp_path / "gkd"),
+    )
+    rows = [json.loads(line) for line in (run.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["source_on_policy_fraction"] for r in rows] == [1.0, 1.0, 1.0, 1.0]

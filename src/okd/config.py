@@ -18,7 +18,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-SourceName = Literal["ground_truth"]
+SourceName = Literal["ground_truth", "teacher_generated", "on_policy", "adaptive_replay"]
 DIVERGENCE_NAMES = (
     "forward_kl",
     "reverse_kl",
@@ -58,7 +58,10 @@ class MethodConfig:
     name: str = "kd"
     """Preset: sft, kd, rkl, jsd, tvd, skl, srkl, akl or okd (see okd.config.METHOD_PRESETS)."""
     source: Optional[SourceName] = None
-    """Where training sequences come from. ground_truth: the dataset's responses."""
+    """Where training sequences come from. ground_truth: the dataset's responses; teacher_generated:
+    the teacher's responses to the training prompts, generated once and cached (SeqKD); on_policy:
+    the student's own samples with probability `sampling.on_policy_ratio` per batch (GKD, ImitKD);
+    adaptive_replay: DistiLLM's adaptive off-policy replay of student samples."""
     divergence: Optional[str] = None
     """Token-level divergence the student minimises: forward_kl, reverse_kl, jsd, tvd, skew_kl,
     skew_reverse_kl, adaptive_kl."""
@@ -87,12 +90,12 @@ class ResolvedMethod:
 
     @property
     def uses_teacher(self) -> bool:
-        return self.kd_ratio > 0 or self.online_teacher
+        return self.kd_ratio > 0 or self.online_teacher or self.source == "teacher_generated"
 
 
-def _preset(divergence: str = "forward_kl", kd_ratio: float = 1.0, online: bool = False, **params):
+def _preset(divergence: str = "forward_kl", kd_ratio: float = 1.0, online: bool = False, source: str = "ground_truth", **params):
     return {
-        "source": "ground_truth",
+        "source": source,
         "divergence": divergence,
         "divergence_params": params,
         "kd_ratio": kd_ratio,
@@ -116,6 +119,21 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "akl": _preset("adaptive_kl", mu=0.5),
     # Online KD: forward KL from a teacher whose online module adapts to the student.
     "okd": _preset("forward_kl", online=True),
+    # Sequence-level KD (Kim & Rush): cross-entropy on the teacher's own responses.
+    "seqkd": _preset(kd_ratio=0.0, source="teacher_generated"),
+    # ImitKD (Lin et al.): forward KL on the student's own samples.
+    "imitkd": _preset("forward_kl", source="on_policy"),
+    # GKD (Agarwal et al.; TRL's defaults): generalized JSD, beta 0.5, on-policy half of the time
+    # (sampling.on_policy_ratio = 0.5).
+    "gkd": _preset("jsd", source="on_policy", beta=0.5),
+    # DistiLLM (Ko et al.): skew reverse KL (alpha 0.1) with the adaptive off-policy replay.
+    "distillm": _preset("skew_reverse_kl", source="adaptive_replay", alpha=0.1),
+}
+
+# Per-preset defaults of the sampling section (applied where the user left a field empty).
+SAMPLING_PRESETS: dict[str, dict[str, float]] = {
+    "imitkd": {"on_policy_ratio": 1.0, "temperature": 1.0},
+    "gkd": {"on_policy_ratio": 0.5, "temperature": 0.9},
 }
 
 
@@ -239,6 +257,65 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SamplingConfig:
+    """How generated training sequences are made (sources teacher_generated, on_policy, adaptive_replay).
+
+    Empty fields take the preset's value (gkd: on-policy ratio 0.5 at temperature 0.9, as TRL's
+    GKDConfig; imitkd: ratio 1.0 at temperature 1.0), else the default named in the field's help.
+    """
+
+    max_new_tokens: Optional[int] = None
+    """Tokens generated per response. Empty: fill data.max_length after the batch's longest prompt."""
+    temperature: Optional[float] = None
+    """Sampling temperature (empty: the preset's, else 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (top-k is off)."""
+    on_policy_ratio: Optional[float] = None
+    """on_policy: probability that a batch is the student's own samples (GKD's lambda; empty: the
+    preset's, else 0.5). 0 is ground truth only, 1 never uses ground truth."""
+    teacher_generations_file: Optional[str] = None
+    """teacher_generated: JSONL cache of the teacher's responses, reused while teacher, prompts and
+    settings are unchanged. Empty: <output_dir>/teacher_generations.jsonl."""
+    generation_batch_size: int = 32
+    """teacher_generated: prompts per generate call when building the cache."""
+    replay_capacity: int = 1000
+    """adaptive_replay: replay buffer capacity in (prompt, response) pairs (DistiLLM: 1000)."""
+    replay_ratio: str = "decreasing"
+    """adaptive_replay: probability of replaying from the buffer instead of sampling afresh: a number
+    in [0, 1], or DistiLLM's schedules decreasing (default), increasing, constant."""
+    init_threshold: float = 0.0
+    """adaptive_replay: initial probability of a student-generated batch (DistiLLM: 0.0)."""
+    threshold_step: float = 0.1
+    """adaptive_replay: rise of that probability when the validation loss rises (DistiLLM: 0.1)."""
+    max_threshold: float = 1.0
+    """adaptive_replay: cap of that probability."""
+    loss_eps: float = 0.1
+    """adaptive_replay: validation-loss rise that counts (DistiLLM: 0.1). Needs eval.every > 0."""
+
+
+def resolve_sampling(sampling: "SamplingConfig", method: ResolvedMethod) -> "SamplingConfig":
+    """Fill the empty sampling fields from the method's preset, then from the defaults."""
+    preset = SAMPLING_PRESETS.get(method.name, {})
+    values = dataclasses.asdict(sampling)
+    for name, default in (("temperature", 1.0), ("on_policy_ratio", 0.5)):
+        if values[name] is None:
+            values[name] = preset.get(name, default)
+    if not 0.0 <= values["on_policy_ratio"] <= 1.0:
+        raise ValueError(f"sampling.on_policy_ratio must be in [0, 1], got {values['on_policy_ratio']}")
+    if values["temperature"] <= 0:
+        raise ValueError(f"sampling.temperature must be > 0, got {values['temperature']}")
+    ratio = values["replay_ratio"]
+    if ratio not in ("decreasing", "increasing", "constant"):
+        try:
+            values["replay_ratio"] = float(ratio)
+        except ValueError:
+            raise ValueError(
+                f"sampling.replay_ratio must be a number or decreasing/increasing/constant, got {ratio!r}"
+            ) from None
+    return SamplingConfig(**values)
 
 
 @dataclass

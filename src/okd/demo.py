@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, TrainConfig
+from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, SamplingConfig, TrainConfig
 from okd.evaluation import GenerationConfig, evaluate_model, write_json_atomic
 
-DEFAULT_METHODS = ["sft", "kd", "rkl", "okd"]
+DEFAULT_METHODS = ["sft", "kd", "rkl", "okd", "gkd", "distillm"]
 
 
 @dataclass
@@ -202,7 +202,9 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", methods: list[s
             online=OnlineModuleConfig(),
             data=data,
             train=_train_config(settings, settings.student_steps, settings.learning_rate),
-            eval=EvalConfig(),
+            # Validation every 10% of the run: its loss drives DistiLLM's adaptive threshold.
+            eval=EvalConfig(every=max(settings.student_steps // 10, 1)),
+            sampling=SamplingConfig(max_new_tokens=settings.max_new_tokens),
             output_dir=str(out / "methods" / name),
             overwrite=True,
         )

@@ -44,8 +44,10 @@ from okd.config import (
     ModelConfig,
     OnlineModuleConfig,
     ResolvedMethod,
+    SamplingConfig,
     TrainConfig,
     resolve_method,
+    resolve_sampling,
 )
 from okd.divergences import get_divergence
 from okd.teacher import Teacher
@@ -305,14 +307,15 @@ class Distiller:
         overwrite: bool = False,
         progress: bool = True,
         resume: bool = False,
+        sampling: SamplingConfig = SamplingConfig(),
     ):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         from okd.data import Collator, InstructionDataset, read_jsonl
-        from okd.data.sources import GroundTruthSource
 
         self.method = resolve_method(method)
+        self.run_config_model = dataclasses.asdict(model)
         self.online_config = online if self.method.online_teacher else None
         self.train_config, self.eval_config, self.progress = train, eval, progress
         self.output = Path(output_dir)
@@ -329,7 +332,7 @@ class Distiller:
 
         self.tokenizer, student, teacher_model = _load_models(model, self.method, train, data.max_length)
         self.teacher: Teacher | None = None
-        if teacher_model is not None:
+        if teacher_model is not None and (self.method.kd_ratio > 0 or self.method.online_teacher):
             self.teacher = Teacher(teacher_model, self.online_config, seed=train.seed).to(accelerator.device)
 
         def load_split(path, limit):
@@ -341,14 +344,9 @@ class Distiller:
             load_split(data.validation_file, data.max_validation_examples) if data.validation_file else None
         )
         self.collator = Collator(pad_token_id=self.tokenizer.pad_token_id)
-        self.source = GroundTruthSource(
-            self.train_set,
-            self.collator,
-            train.batch_size,
-            seed=train.seed,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-        )
+        self.sampling = resolve_sampling(sampling, self.method)
+        self.source = self._make_source(student, teacher_model, data.max_length)
+        del teacher_model  # SeqKD needed it only to build its cache
 
         # Everything the run needs has loaded and been checked: only now touch the output directory.
         if accelerator.is_main_process:
@@ -384,8 +382,73 @@ class Distiller:
             "data": dataclasses.asdict(data),
             "train": dataclasses.asdict(train),
             "eval": dataclasses.asdict(eval),
+            "sampling": dataclasses.asdict(self.sampling) if self.method.source != "ground_truth" else None,
             "num_processes": accelerator.num_processes,
         }
+
+    def _make_source(self, student, teacher_model, max_length: int):
+        """The method's sequence source; every kind walks the data in the same seeded order."""
+        from okd.data.sources import GroundTruthSource
+
+        accelerator, train, sampling = self.accelerator, self.train_config, self.sampling
+        ground_truth = GroundTruthSource(
+            self.train_set,
+            self.collator,
+            train.batch_size,
+            seed=train.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        kind = self.method.source
+        if kind == "ground_truth":
+            return ground_truth
+        from okd.data import generated
+
+        tokenizer = self.tokenizer
+        common = dict(
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_length=max_length,
+            seed=train.seed,
+        )
+        if kind == "teacher_generated":
+            cache = sampling.teacher_generations_file or str(self.output / "teacher_generations.jsonl")
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            # The main process generates and caches; the others then read the cache.
+            with accelerator.main_process_first():
+                return generated.TeacherGeneratedSource(
+                    self.train_set,
+                    teacher_model.to(accelerator.device),
+                    cache_path=cache,
+                    batch_size=train.batch_size,
+                    rank=accelerator.process_index,
+                    world_size=accelerator.num_processes,
+                    teacher_id=str(self.run_config_model.get("teacher")),
+                    generation_seed=train.seed,
+                    generation_batch_size=sampling.generation_batch_size,
+                    progress=self.progress and accelerator.is_main_process,
+                    **{k: v for k, v in common.items() if k != "seed"},
+                    seed=train.seed,
+                )
+        if kind == "on_policy":
+            return generated.OnPolicySource(ground_truth, student, lambda_=sampling.on_policy_ratio, **common)
+        if kind == "adaptive_replay":
+            return generated.AdaptiveReplaySource(
+                ground_truth,
+                student,
+                init_threshold=sampling.init_threshold,
+                threshold_step=sampling.threshold_step,
+                max_threshold=sampling.max_threshold,
+                loss_eps=sampling.loss_eps,
+                capacity=sampling.replay_capacity,
+                replay_ratio=sampling.replay_ratio,
+                total_steps=train.max_steps,
+                **common,
+            )
+        raise ValueError(f"unknown method.source {kind!r}")
 
     # -- one step -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
@@ -541,6 +604,8 @@ class Distiller:
                 }
                 if losses.skipped:
                     record["skipped"] = True
+                if hasattr(self.source, "stats"):
+                    record.update({f"source_{k}": v for k, v in self.source.stats().items()})
                 if self.module_optimizer is not None:
                     record["module_learning_rate"] = self.module_optimizer.param_groups[0]["lr"]
                 tokens_since_log, time_since_log = 0, now
@@ -581,6 +646,11 @@ class Distiller:
         accelerator = self.accelerator
         root = self.output / "checkpoints"
         final = root / f"step-{self.step:08d}"
+        source_states = [self.source.state_dict()]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            source_states = gather_object(source_states)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
@@ -594,7 +664,8 @@ class Distiller:
                 "scheduler": self.scheduler.state_dict(),
                 "module": self.teacher.module_state_dict() if self.online_config else None,
                 "module_optimizer": self.module_optimizer.state_dict() if self.module_optimizer else None,
-                "source": self.source.state_dict(),
+                # Per process: generation-based sources (e.g. DistiLLM's replay buffer) differ by rank.
+                "source": source_states,
                 "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             }
             torch.save(state, tmp / "state.pt")
@@ -626,7 +697,7 @@ class Distiller:
         if self.online_config is not None:
             self.teacher.load_module_state_dict(state["module"])
             self.module_optimizer.load_state_dict(state["module_optimizer"])
-        self.source.load_state_dict(state["source"])
+        self.source.load_state_dict(state["source"][self.accelerator.process_index])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -642,6 +713,7 @@ class Distiller:
             _atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     def validate(self) -> dict:
+        """Held-out metrics; the validation CE also drives DistiLLM's adaptive source."""
         metrics = validation_metrics(
             self.accelerator.unwrap_model(self.student),
             self.teacher,
@@ -652,6 +724,8 @@ class Distiller:
             self.accelerator.device,
         )
         self.student.train()
+        if hasattr(self.source, "observe_validation_loss"):
+            self.source.observe_validation_loss(metrics["validation_ce"])
         return metrics
 
     def module_consistent_across_processes(self) -> bool | None:
@@ -696,6 +770,7 @@ def distill(
     data: DataConfig = DataConfig(),
     train: TrainConfig = TrainConfig(),
     eval: EvalConfig = EvalConfig(),
+    sampling: SamplingConfig = SamplingConfig(),
     output_dir: str = "runs/distill",
     overwrite: bool = False,
     resume: bool = False,
@@ -714,12 +789,16 @@ def distill(
         data: Training and validation data.
         train: Optimisation of the student.
         eval: Held-out evaluation during training.
+        sampling: How generated training sequences are made (SeqKD, GKD, ImitKD, DistiLLM).
         output_dir: Directory for the run's outputs.
         overwrite: Replace a previous run in output_dir.
         resume: Continue the run in output_dir from its latest complete checkpoint.
         progress: Show a progress bar.
     """
-    distiller = Distiller(model, method, online, data, train, eval, output_dir, overwrite, progress, resume)
+    distiller = Distiller(
+        model, method, online, data, train, eval,
+        output_dir=output_dir, overwrite=overwrite, progress=progress, resume=resume, sampling=sampling,
+    )
     distiller.train()
     if not distiller.interrupted:
         distiller.save()
