@@ -740,10 +740,24 @@ class Distiller:
         gathered = self.accelerator.gather(fingerprint)
         return bool((gathered == gathered[0]).all())
 
+    def source_consistent_across_processes(self) -> bool | None:
+        """True when every process's source made the same choices (its ``stats()`` agree): the
+        on-policy coin flips, DistiLLM's threshold, fresh/replay counts and buffer size. None for
+        sources without choices."""
+        if not hasattr(self.source, "stats"):
+            return None
+        stats = [self.source.stats()]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            stats = gather_object(stats)
+        return all(s == stats[0] for s in stats)
+
     def save(self) -> None:
         """Write the student, the online module and a summary (main process only)."""
         accelerator = self.accelerator
         consistent = self.module_consistent_across_processes()
+        source_consistent = self.source_consistent_across_processes()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             from okd.models import save_pretrained_atomic
@@ -757,6 +771,7 @@ class Distiller:
                 "train_seconds": self.train_seconds,
                 "num_processes": accelerator.num_processes,
                 "module_consistent_across_processes": consistent,
+                "source_consistent_across_processes": source_consistent,
                 "final": self.final_metrics,
             }
             _atomic_write_text(self.output / "train_summary.json", json.dumps(summary, indent=2) + "\n")
