@@ -16,23 +16,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_accelerate_launch_two_processes_keeps_online_module_identical(tiny_setting, tmp_path):
+def _launch_distill(setting: dict, out: Path, method: str, *options: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` two CPU processes (gloo) running `okd distill` on the tiny setting."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    out = tmp_path / "ddp"
     command = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
         "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
         "-m", "okd.cli", "distill",
-        "--model.teacher", tiny_setting["teacher"], "--model.tokenizer", tiny_setting["tokenizer"],
-        "--model.student_size", "nano", "--method.name", "okd",
-        "--data.train_file", tiny_setting["train"], "--data.validation_file", tiny_setting["validation"],
-        "--data.max_length", "48", "--train.max_steps", "4", "--train.batch_size", "4", "--train.log_every", "1",
-        "--output-dir", str(out), "--progress", "false",
+        "--model.teacher", setting["teacher"], "--model.tokenizer", setting["tokenizer"],
+        "--model.student_size", "nano", "--method.name", method,
+        "--data.train_file", setting["train"], "--data.validation_file", setting["validation"],
+        "--data.max_length", "48", "--train.batch_size", "4", "--train.log_every", "1",
+        "--output-dir", str(out), "--progress", "false", *options,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_accelerate_launch_two_processes_keeps_online_module_identical(tiny_setting, tmp_path):
+    out = tmp_path / "ddp"
+    _launch_distill(tiny_setting, out, "okd", "--train.max_steps", "4")
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["num_processes"] == 2
     # Each rank saw different examples, so without the explicit gradient averaging the two copies
@@ -55,23 +60,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_setting
     kwargs["train"].batch_size = 8
     single = distill(**kwargs, output_dir=str(tmp_path / "single"))
 
-    accelerate = Path(sys.executable).with_name("accelerate")
     out = tmp_path / "ddp"
-    command = [
-        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
-        "-m", "okd.cli", "distill",
-        "--model.teacher", tiny_setting["teacher"], "--model.tokenizer", tiny_setting["tokenizer"],
-        "--model.student_size", "nano", "--method.name", "okd",
-        "--data.train_file", tiny_setting["train"], "--data.validation_file", tiny_setting["validation"],
-        "--data.max_length", "48", "--data.max_validation_examples", "32",
-        "--train.max_steps", "4", "--train.batch_size", "4", "--train.log_every", "1",
+    _launch_distill(
+        tiny_setting, out, "okd", "--train.max_steps", "4", "--data.max_validation_examples", "32",
         "--train.learning_rate", str(kwargs["train"].learning_rate), "--train.lr_scheduler", "constant",
-        "--output-dir", str(out), "--progress", "false",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    )
 
     def rows(path):
         return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
@@ -88,23 +81,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_setting
 def test_two_processes_make_the_same_replay_choices(tiny_setting, tmp_path):
     """DistiLLM's source draws its branch (fresh / replay / ground truth) from a generator seeded alike on
     every rank, and its threshold follows the same validation loss: the ranks never disagree."""
-    accelerate = Path(sys.executable).with_name("accelerate")
     out = tmp_path / "ddp"
-    command = [
-        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
-        "-m", "okd.cli", "distill",
-        "--model.teacher", tiny_setting["teacher"], "--model.tokenizer", tiny_setting["tokenizer"],
-        "--model.student_size", "nano", "--method.name", "distillm",
-        "--data.train_file", tiny_setting["train"], "--data.validation_file", tiny_setting["validation"],
-        "--data.max_length", "48", "--data.max_validation_examples", "16",
-        "--train.max_steps", "6", "--train.batch_size", "4", "--train.log_every", "1", "--eval.every", "2",
-        "--sampling.max_new_tokens", "6", "--sampling.init_threshold", "0.7", "--sampling.replay_capacity", "8",
-        "--sampling.replay_ratio", "0.5", "--output-dir", str(out), "--progress", "false",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    _launch_distill(
+        tiny_setting, out, "distillm", "--data.max_validation_examples", "16", "--train.max_steps", "6",
+        "--eval.every", "2", "--sampling.max_new_tokens", "6", "--sampling.init_threshold", "0.7",
+        "--sampling.replay_capacity", "8", "--sampling.replay_ratio", "0.5",
+    )
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["num_processes"] == 2
     assert summary["source_consistent_across_processes"] is True

@@ -467,11 +467,6 @@ class Distiller:
                     batch["input_ids"], batch["attention_mask"], track_module_grad=update_module
                 )
             losses = self.loss_fn(student_logits, teacher_logits, batch["labels"], update_module=update_module)
-        # Every process must take the same branch (a skipped backward on one rank would leave the
-        # others waiting in DDP's all-reduce), so the verdict is agreed on across processes.
-        bad_term = self._agree_nonfinite(_first_nonfinite(losses))
-        if bad_term is not None:
-            return self._nonfinite(losses, bad_term)
         # One backward: the student's loss sees the teacher detached and the module's loss sees the
         # student detached, so each gradient lands only where it belongs.
         total = losses.loss if losses.module_loss is None else losses.loss + losses.module_loss
@@ -480,9 +475,14 @@ class Distiller:
         grad_norm = accelerator.clip_grad_norm_(self.student.parameters(), max_norm if max_norm is not None else math.inf)
         if update_module:
             _average_gradients(self.teacher.module_parameters(), accelerator)
-            module_norm = torch.nn.utils.clip_grad_norm_(self.teacher.module_parameters(), math.inf)
-            grad_norm = grad_norm + module_norm
-        bad_term = self._agree_nonfinite(None if torch.isfinite(grad_norm) else "gradient")
+            grad_norm = grad_norm + torch.nn.utils.clip_grad_norm_(self.teacher.module_parameters(), math.inf)
+        # One host sync per step checks every loss term and the gradient norm together. A NaN loss
+        # on one process reaches every process's gradients through DDP's all-reduce, and the verdict
+        # is agreed on anyway, so all processes skip or stop on the same step.
+        terms = [getattr(losses, f.name) for f in dataclasses.fields(losses)]
+        values = torch.stack([t.detach().float().reshape(()) for t in terms if isinstance(t, torch.Tensor)])
+        finite = bool(torch.isfinite(values).all() & torch.isfinite(grad_norm))
+        bad_term = self._agree_nonfinite(None if finite else (_first_nonfinite(losses) or "gradient"))
         if bad_term is not None:
             return self._nonfinite(losses, bad_term)
         self.optimizer.step()
