@@ -12,7 +12,7 @@ The student always learns from the current teacher, detached; the module always 
 current student, detached. So the two losses touch disjoint parameters and one ``backward()`` serves
 both.
 
-Runs on Hugging Face Accelerate: ``accelerate launch --num_processes N -m okd.cli distill ...`` gives
+Runs on Hugging Face Accelerate: ``accelerate launch --multi_gpu --num_processes N -m okd.cli distill ...`` gives
 DDP without code changes. The online module is not wrapped by DDP: its gradients are averaged across
 processes explicitly before its optimizer step, so it stays identical on every rank.
 """
