@@ -194,15 +194,17 @@ def build_batch(
 
 
 def _generation_budget(prompts: Sequence[Sequence[int]], max_new_tokens: int | None, max_length: int) -> int:
-    """``max_new_tokens``, or when None: what fills ``max_length`` after the longest prompt (at least 1).
+    """``max_new_tokens`` capped to what fits ``max_length`` after the longest prompt (at least 1);
+    when None, all of that room.
 
     The None default is okd's choice modelled on DistiLLM, which generates up to
     ``max_length - max_prompt_length`` new tokens so that prompt + response fit the training length:
     tokens past ``max_length`` would be truncated by ``build_batch`` anyway.
     """
-    if max_new_tokens is not None:
-        return int(max_new_tokens)
-    return max(1, max_length - max(len(p) for p in prompts))
+    room = max(1, max_length - max(len(p) for p in prompts))
+    # Never past max_length: those tokens would be cut by build_batch anyway, and a model with
+    # learned positions sized to max_length (GPT-2 built by okd.models) cannot go past it.
+    return room if max_new_tokens is None else min(int(max_new_tokens), room)
 
 
 def _dataset_max_length(dataset, max_length: int | None) -> int:
