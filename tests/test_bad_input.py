@@ -218,32 +218,29 @@ def test_non_utf8_bytes_name_file_and_line(tiny_setting, tmp_path, capsys):
     _assert_no_outputs(out)
 
 
-def test_non_utf8_file_on_the_python_api(tiny_setting, tmp_path):
-    bad = _jsonl(tmp_path / "bad_train.jsonl", "\ufeff" + GOOD, b"\xff\xfe" + GOOD.encode())
+def _python_api_error(tiny_setting, tmp_path, bad_train_file) -> str:
+    """distill() on a bad training file: the one-line ValueError message; no outputs left behind."""
     kwargs = configs(tiny_setting, "kd", steps=2)
-    kwargs["data"] = dataclasses.replace(kwargs["data"], train_file=str(bad))
+    kwargs["data"] = dataclasses.replace(kwargs["data"], train_file=str(bad_train_file))
     out = tmp_path / "run"
     with pytest.raises(ValueError) as raised:
         distill(**kwargs, output_dir=str(out))
     message = str(raised.value)
     assert "\n" not in message.strip()
-    _assert_names_line(message, bad, 2)
     _assert_no_outputs(out)
+    return message
+
+
+def test_non_utf8_file_on_the_python_api(tiny_setting, tmp_path):
+    bad = _jsonl(tmp_path / "bad_train.jsonl", "\ufeff" + GOOD, b"\xff\xfe" + GOOD.encode())
+    _assert_names_line(_python_api_error(tiny_setting, tmp_path, bad), bad, 2)
 
 
 @pytest.mark.parametrize("case", ["missing_value", "not_an_object"])
 def test_malformed_jsonl_on_the_python_api(tiny_setting, tmp_path, case):
     lines, lineno, _ = MALFORMED[case]
     bad = _jsonl(tmp_path / "bad_train.jsonl", *lines)
-    kwargs = configs(tiny_setting, "kd", steps=2)
-    kwargs["data"] = dataclasses.replace(kwargs["data"], train_file=str(bad))
-    out = tmp_path / "run"
-    with pytest.raises(ValueError) as raised:
-        distill(**kwargs, output_dir=str(out))
-    message = str(raised.value)
-    assert "\n" not in message.strip()
-    _assert_names_line(message, bad, lineno)
-    _assert_no_outputs(out)
+    _assert_names_line(_python_api_error(tiny_setting, tmp_path, bad), bad, lineno)
 
 
 # ----------------------------------------------------------------------------------------------
