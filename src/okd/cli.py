@@ -12,6 +12,7 @@ are interchangeable in option names (``--output-dir`` = ``--output_dir``).
 from __future__ import annotations
 
 import difflib
+import json as _json
 import os
 import re
 import sys
@@ -68,6 +69,57 @@ def eval(
     )
 
 
+def analyze(
+    teacher: str,
+    student: list[str],
+    data: str,
+    json: str,
+    plots: str | None = None,
+    names: str | None = None,
+    max_examples: int | None = None,
+    batch_size: int = 8,
+    max_length: int = 256,
+    exposure_examples: int = 32,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
+    """Which features of the teacher's next-token distribution does each student transfer?
+
+    Teacher-forced on the data's responses: top-1 agreement, top-k overlap and coverage, entropy gap,
+    tail mass, forward/reverse KL, TVD, rank correlation, calibration (ECE) and NLL; then exposure bias
+    (MiniLLM's ExAccErr) and ROUGE-L of free-running samples. Repeat --student for several students.
+    Prints a markdown table and writes the full result as JSON.
+
+    Args:
+        teacher: Teacher model directory, run directory (with student/) or hub id; its tokenizer is used.
+        student: A student run directory (with student/) or model directory; repeat the flag for more.
+        data: JSONL file of prompt/response examples (e.g. the test split).
+        json: Write the full result to this JSON file.
+        plots: Write PNG plots (entropy-gap histogram, top-k coverage, ExAccErr) to this directory.
+        names: Comma-separated student names, in --student order (default: the run directories' names).
+        max_examples: Analyse only the first N examples.
+        batch_size: Sequences per forward pass and per generation batch.
+        max_length: Maximum tokens per example (prompts are cut from the left first).
+        exposure_examples: Prompts sampled for the exposure-bias measurement (0 skips it).
+        max_new_tokens: Tokens sampled per prompt for the exposure-bias measurement.
+        seed: Sampling seed (the same for every model).
+        progress: Show progress bars.
+    """
+    from okd.analysis import format_table, run_analysis
+
+    name_list = [n.strip() for n in names.split(",")] if names else None
+    result = run_analysis(
+        teacher, student, data, names=name_list, json_out=json, plots_dir=plots, max_examples=max_examples,
+        max_length=max_length, batch_size=batch_size, exposure_examples=exposure_examples,
+        max_new_tokens=max_new_tokens, seed=seed, progress=progress,
+    )
+    print(format_table(result))
+    print(f"\nwrote {json}")
+    for path in result["settings"].get("plots", []):
+        print(f"wrote {path}")
+
+
 def demo(quick: bool = False, output_dir: str = "runs/demo", methods: str | None = None) -> None:
     """Run the main job on the built-in data: train a teacher, distil students, evaluate, report.
 
@@ -102,12 +154,17 @@ FLAGS = ("quick", "force", "overwrite", "resume", "progress")
 
 
 def _normalise_option_names(argv: list[str]) -> list[str]:
-    """``--output-dir x`` -> ``--output_dir x`` (only the option name, never its value), and a bare
-    boolean flag (``--quick``) -> ``--quick true``."""
+    """``--output-dir x`` -> ``--output_dir x`` (only the option name, never its value), a bare
+    boolean flag (``--quick``) -> ``--quick true``, and its negation (``--no-progress``) ->
+    ``--progress false``."""
     out = []
     for i, arg in enumerate(argv):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
+            negated = name.replace("-", "_")[3:] if name.replace("-", "_").startswith("no_") else None
+            if negated in FLAGS and not eq:
+                out.extend([f"--{negated}", "false"])
+                continue
             arg = "--" + name.replace("-", "_") + eq + value
             out.append(arg)
             following = argv[i + 1].lower() if i + 1 < len(argv) else ""
@@ -118,15 +175,55 @@ def _normalise_option_names(argv: list[str]) -> list[str]:
     return out
 
 
+# List-valued options that may be given several times (`--student a --student b`).
+REPEATABLE = {"analyze": ("student",)}
+
+
+def _collect_repeated(argv: list[str]) -> list[str]:
+    """``analyze --student a --student b`` -> ``analyze --student '["a", "b"]'``.
+
+    jsonargparse keeps only the last value of a repeated option, so the values are gathered into one
+    JSON list, at the place of the first occurrence. A value that is itself a list (``--student [a,b]``)
+    is spliced in. Runs after ``_normalise_option_names`` (names already use underscores).
+    """
+    options = REPEATABLE.get(argv[0] if argv else "", ())
+    out, values, first = [], {}, {}
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
+        if name in options and (eq or i + 1 < len(argv)):
+            if not eq:
+                value, i = argv[i + 1], i + 1
+            parsed = None
+            if value.lstrip().startswith("["):
+                try:
+                    import yaml
+
+                    parsed = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    parsed = None
+            values.setdefault(name, []).extend(map(str, parsed) if isinstance(parsed, list) else [value])
+            if name not in first:
+                first[name] = len(out)
+                out.append(None)  # placeholder, filled below
+        else:
+            out.append(argv[i])
+        i += 1
+    for name, at in sorted(first.items(), key=lambda item: -item[1]):
+        out[at : at + 1] = [f"--{name}", _json.dumps(values[name])]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = _normalise_option_names(sys.argv[1:] if argv is None else list(argv))
+    argv = _collect_repeated(_normalise_option_names(sys.argv[1:] if argv is None else list(argv)))
     try:
         auto_cli(
             {
                 "data": {"_help": "Data tools.", "build": data_build},
                 "distill": distill,
                 "eval": eval,
+                "analyze": analyze,
                 "demo": demo,
             },
             args=argv,
