@@ -212,6 +212,20 @@ def test_incomplete_checkpoint_is_ignored(tiny_setting, tmp_path):
         assert latest_checkpoint(tmp_path / "run") == good
 
 
+def test_resume_refuses_a_checkpoint_with_different_settings(tiny_setting, tmp_path):
+    kwargs = configs(tiny_setting, "kd", steps=4)
+    kwargs["train"].checkpoint_every = 2
+    distill(**kwargs, output_dir=str(tmp_path / "run"))
+
+    changed = configs(tiny_setting, "kd", steps=4, divergence="reverse_kl")
+    with pytest.raises(ValueError, match=r"cannot resume .*method\.divergence: checkpoint 'forward_kl', now 'reverse_kl'"):
+        Distiller(**changed, output_dir=str(tmp_path / "run"), resume=True)
+    # A longer run (more steps, other logging/checkpointing) continues the same trajectory.
+    longer = configs(tiny_setting, "kd", steps=6)
+    longer["train"].checkpoint_every, longer["train"].log_every = 3, 2
+    assert distill(**longer, output_dir=str(tmp_path / "run"), resume=True).steps == 6
+
+
 def test_gkd_with_zero_on_policy_ratio_equals_ground_truth_jsd(tiny_setting, tmp_path):
     from safetensors.torch import load_file
 

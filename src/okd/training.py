@@ -270,6 +270,36 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+# Settings a resumed run may change: they do not alter the training trajectory.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.report_to",
+    "eval.batch_size",
+}
+
+
+def _comparable(run_config: dict) -> dict:
+    """``run_config`` as plain JSON values (tuples become lists), flattened to ``section.field`` keys."""
+    flat = {}
+    for section, values in json.loads(json.dumps(run_config, default=str)).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def _check_same_run(saved: dict, current: dict, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint with settings that would change what the run computes."""
+    differing = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if differing:
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differing[:3])
+        more = f" (and {len(differing) - 3} more)" if len(differing) > 3 else ""
+        raise ValueError(
+            f"cannot resume from {checkpoint}: the settings differ ({shown}{more}); "
+            "resume with the run's own settings, or start a new run with --overwrite or another --output-dir"
+        )
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -369,12 +399,6 @@ class Distiller:
         self.nonfinite_steps_skipped = 0
         self.interrupted = False
         self._local_tokens = self._global_tokens = torch.tensor(1.0)  # set by every training step
-        if resume:
-            checkpoint = latest_checkpoint(self.output)
-            if checkpoint is not None:
-                self.load_checkpoint(checkpoint)
-            elif accelerator.is_main_process and (self.output / "metrics.jsonl").exists():
-                (self.output / "metrics.jsonl").unlink()  # nothing to resume from: start over
         self.run_config = {
             "model": dataclasses.asdict(model),
             "method": dataclasses.asdict(self.method),
@@ -385,6 +409,12 @@ class Distiller:
             "sampling": dataclasses.asdict(self.sampling) if self.method.source != "ground_truth" else None,
             "num_processes": accelerator.num_processes,
         }
+        if resume:
+            checkpoint = latest_checkpoint(self.output)
+            if checkpoint is not None:
+                self.load_checkpoint(checkpoint)
+            elif accelerator.is_main_process and (self.output / "metrics.jsonl").exists():
+                (self.output / "metrics.jsonl").unlink()  # nothing to resume from: start over
 
     def _make_source(self, student, teacher_model, max_length: int):
         """The method's sequence source; every kind walks the data in the same seeded order."""
@@ -675,6 +705,8 @@ class Distiller:
                 "train_seconds": elapsed,
                 "final_metrics": self.final_metrics,
                 "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
+                # What made this run, so that --resume can refuse a different one.
+                "run_config": _comparable(self.run_config),
             }
             (tmp / CHECKPOINT_COMPLETE).write_text(json.dumps(meta) + "\n")
             if final.exists():
@@ -691,6 +723,8 @@ class Distiller:
         path = Path(path)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         meta = json.loads((path / CHECKPOINT_COMPLETE).read_text())
+        if "run_config" in meta:  # checkpoints from before this check carry no config
+            _check_same_run(meta["run_config"], _comparable(self.run_config), path)
         self.accelerator.unwrap_model(self.student).load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
