@@ -23,8 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from transformers import AutoModelForCausalLM  # noqa: E402
+
 from okd.analysis import make_plots, run_analysis  # noqa: E402
-from okd.evaluation import write_json_atomic  # noqa: E402
+from okd.data import InstructionDataset, read_jsonl  # noqa: E402
+from okd.evaluation import GenerationConfig, evaluate_model, write_json_atomic  # noqa: E402
+from okd.models import load_tokenizer  # noqa: E402
 
 # (column title, where the value is in a student's entry)
 COLUMNS = [
@@ -42,6 +46,7 @@ COLUMNS = [
     ("ECE", lambda e: e["metrics"]["student_ece"]),
     ("ExAccErr@40 %", lambda e: e["exposure_bias"]["ex_acc_err_percent"][-1]),
     ("free-run ROUGE-L", lambda e: e["exposure_bias"]["rouge_l"]),
+    ("greedy ROUGE-L", lambda e: e["greedy_rouge_l"]),
 ]
 
 
@@ -55,6 +60,7 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, default=300)
     parser.add_argument("--exposure-examples", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--greedy-examples", type=int, default=490, help="test examples for the greedy ROUGE-L column")
     parser.add_argument("--out", required=True, help="output stem: writes <out>.json, <out>.md and <out>/*.png")
     args = parser.parse_args()
 
@@ -73,6 +79,14 @@ def main() -> None:
         names=names, max_examples=args.max_examples, batch_size=32, exposure_examples=args.exposure_examples,
         max_new_tokens=args.max_new_tokens, seed=0, progress=True,
     )
+    # The comparison samples at temperature 1, which favours low-entropy students; greedy decoding
+    # separates "ranks the right token first" from "is sharp enough to sample well".
+    tokenizer = load_tokenizer(str(Path(args.demo_dir) / "tokenizer"))
+    test = InstructionDataset(read_jsonl(Path(args.demo_dir) / "data" / "test.jsonl")[: args.greedy_examples], tokenizer, 128)
+    greedy = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False)
+    for name, path in zip(names, students):
+        model = AutoModelForCausalLM.from_pretrained(str(Path(path) / "student"))
+        result["students"][name]["greedy_rouge_l"] = evaluate_model(model, tokenizer, test, [0], greedy, progress=False).rouge_l_mean
     by_method = {}
     for method in methods:
         entries = [result["students"][f"{method}-{seed}"] for seed in seeds]
@@ -94,7 +108,8 @@ def main() -> None:
     teacher = result["teacher"]
     lines = [
         f"Command: `{result['command']}` ({result['seconds']:.0f} s). Teacher-forced on the first "
-        f"{args.max_examples} test examples ({teacher['tokens']} response tokens); exposure bias on "
+        f"{args.max_examples} test examples ({teacher['tokens']} response tokens); greedy ROUGE-L on the first "
+        f"{args.greedy_examples}; exposure bias on "
         f"{args.exposure_examples} prompts, {args.max_new_tokens} sampled tokens. Mean +- std over seeds {args.seeds}; the plots in "
         f"`{out.name}/` show seed {seeds[0]}.",
         "",
