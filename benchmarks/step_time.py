@@ -30,9 +30,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from okd.config import METHOD_PRESETS, DataConfig, MethodConfig, ModelConfig, OnlineModuleConfig, TrainConfig  # noqa: E402
-from okd.data.builtin import build_builtin_dataset, builtin_texts  # noqa: E402
+from _cache import builtin_data_and_tokenizer  # noqa: E402
+
 from okd.evaluation import write_json_atomic  # noqa: E402
-from okd.models import build_model, count_parameters, save_pretrained_atomic, train_tokenizer  # noqa: E402
+from okd.models import build_model, count_parameters, save_pretrained_atomic  # noqa: E402
 from okd.training import Distiller  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -110,15 +111,7 @@ def main() -> None:
 
     presets = args.presets.split(",")
     online = OnlineModuleConfig(kind=args.online_kind, update_every=args.update_every)
-    cache = ROOT / "results" / ".cache"
-    data_dir = cache / "data"
-    paths = build_builtin_dataset(data_dir)
-    tokenizer_dir = cache / f"tokenizer-{args.vocab_size}"
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        train_tokenizer(builtin_texts(data_dir), vocab_size=args.vocab_size).save_pretrained(str(tokenizer_dir))
-    from okd.models import load_tokenizer
-
-    tokenizer = load_tokenizer(str(tokenizer_dir))
+    paths, tokenizer_dir, tokenizer = builtin_data_and_tokenizer(args.vocab_size)
 
     results = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

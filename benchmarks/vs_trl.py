@@ -51,9 +51,10 @@ import torch  # noqa: E402
 
 from okd.config import DataConfig, MethodConfig, ModelConfig, SamplingConfig, TrainConfig  # noqa: E402
 from okd.data import Collator, InstructionDataset, collate_prompts, read_jsonl  # noqa: E402
-from okd.data.builtin import build_builtin_dataset, builtin_texts  # noqa: E402
+from _cache import builtin_data_and_tokenizer  # noqa: E402
+
 from okd.evaluation import write_json_atomic  # noqa: E402
-from okd.models import build_model, count_parameters, load_tokenizer, save_pretrained_atomic, train_tokenizer  # noqa: E402
+from okd.models import build_model, count_parameters, load_tokenizer, save_pretrained_atomic  # noqa: E402
 from okd.training import Distiller  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -205,13 +206,7 @@ def main() -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     trl_classes = _import_trl()
 
-    cache = ROOT / "results" / ".cache"
-    data_dir = cache / "data"
-    paths = build_builtin_dataset(data_dir)
-    tokenizer_dir = cache / f"tokenizer-{args.vocab_size}"
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        train_tokenizer(builtin_texts(data_dir), vocab_size=args.vocab_size).save_pretrained(str(tokenizer_dir))
-    tokenizer = load_tokenizer(str(tokenizer_dir))
+    paths, tokenizer_dir, tokenizer = builtin_data_and_tokenizer(args.vocab_size)
 
     results = {
         "command": " ".join(["python", "benchmarks/vs_trl.py", *sys.argv[1:]]),
