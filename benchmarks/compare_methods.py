@@ -37,12 +37,27 @@ from okd.training import Distiller  # noqa: E402
 DEFAULT_METHODS = "sft,kd,rkl,okd,seqkd,imitkd,gkd,distillm"
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"distillm:init_threshold=0.5"`` -> ``("distillm", {"init_threshold": 0.5})``: a preset and
+    overrides of its ``sampling`` settings (numbers parsed; the whole spec is the method's label)."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = float(value) if "." in value or "e" in value.lower() else int(value)
+        except ValueError:
+            overrides[key] = value
+    return name, overrides
+
+
 def run_one(method: str, size: str, seed: int, args, demo: Path, test_set, workdir: Path) -> dict:
     steps = args.steps
+    preset, sampling_overrides = parse_method(method)
     setup_started = time.perf_counter()
     distiller = Distiller(
         model=ModelConfig(teacher=str(demo / "teacher" / "student"), tokenizer=str(demo / "tokenizer"), student_size=size),
-        method=MethodConfig(name=method),
+        method=MethodConfig(name=preset),
         data=DataConfig(
             train_file=str(demo / "data" / "train.jsonl"),
             validation_file=str(demo / "data" / "validation.jsonl"),
@@ -56,10 +71,12 @@ def run_one(method: str, size: str, seed: int, args, demo: Path, test_set, workd
         eval=EvalConfig(every=args.eval_every),
         sampling=SamplingConfig(
             max_new_tokens=args.max_new_tokens,
-            # One SeqKD cache for all runs: generated once, reused while teacher and data are unchanged.
+            # One SeqKD cache file for all runs; SeqKD samples with the run's seed, so each seed
+            # regenerates it (that cost is the run's setup seconds).
             teacher_generations_file=str(workdir / "teacher_generations.jsonl"),
+            **sampling_overrides,
         ),
-        output_dir=str(workdir / f"{size}-{method}-{seed}"),
+        output_dir=str(workdir / f"{size}-{method.replace(':', '-').replace('=', '').replace(';', '-')}-{seed}"),
         overwrite=True,
         progress=False,
     )
@@ -137,7 +154,11 @@ def plot(table: dict, methods: list[str], size: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument(
+        "--methods", default=DEFAULT_METHODS,
+        help="comma-separated presets; 'preset:field=value;field=value' overrides sampling settings "
+        "(e.g. distillm:init_threshold=0.5)",
+    )
     parser.add_argument("--student-sizes", default="nano,tiny")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=300)
@@ -218,7 +239,7 @@ def report(results: dict, methods: list[str], out: Path) -> None:
                 f"| {row['setup_seconds']:.1f} | {row['train_seconds'] + row['setup_seconds']:.1f} | {reach} |"
             )
         lines.append("")
-        sgo = [m for m in ("seqkd", "imitkd", "gkd", "distillm") if m in methods]
+        sgo = [m for m in methods if parse_method(m)[0] in ("seqkd", "imitkd", "gkd", "distillm")]
         if "okd" in methods and sgo:
             # SeqKD's cost is mostly its teacher generation, so compare training + setup for all.
             total = {m: table[m]["train_seconds"] + table[m]["setup_seconds"] for m in methods}
