@@ -263,3 +263,56 @@ def test_analyze_bad_input_is_one_line(tiny_setting, tmp_path, capsys):
     common[3] = str(tmp_path / "empty.jsonl")
     assert "no examples" in error_of("--student", str(narrow))
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+def test_saved_online_module_folds_into_a_plain_model(tiny_setting, tmp_path, kind):
+    """``with_online_module`` computes exactly what ``Teacher`` computes with the same module."""
+    from okd.config import OnlineModuleConfig
+    from okd.models import load_model
+    from okd.teacher import Teacher, with_online_module
+
+    teacher = Teacher(load_model(tiny_setting["teacher"]), OnlineModuleConfig(kind=kind), seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move the module away from the identity
+        for parameter in teacher.module_parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    teacher.save_module(tmp_path / "online_module")
+    ids = torch.randint(3, 100, (2, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    expected = teacher(ids, mask)
+
+    folded = with_online_module(load_model(tiny_setting["teacher"]), tmp_path / "online_module").eval()
+    with torch.no_grad():
+        got = folded(input_ids=ids, attention_mask=mask).logits
+        plain = load_model(tiny_setting["teacher"])(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the module does change the teacher
+    out = folded.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 12)
+
+
+def test_analyze_against_the_adapted_teacher(tiny_setting, tmp_path):
+    from okd.config import OnlineModuleConfig
+    from okd.models import load_model, load_tokenizer
+    from okd.teacher import Teacher
+
+    tokenizer = load_tokenizer(tiny_setting["teacher"])
+    run_dir = tmp_path / "okd_run"
+    _save_student(run_dir / "student", tokenizer, "llama", seed=1)
+    teacher = Teacher(load_model(tiny_setting["teacher"]), OnlineModuleConfig(), seed=0)
+    teacher.save_module(run_dir / "online_module")  # a fresh module is the identity
+    common = dict(max_examples=8, batch_size=4, exposure_examples=0, max_length=48, progress=False)
+    base = A.run_analysis(tiny_setting["teacher"], [str(run_dir)], tiny_setting["validation"], **common)
+    same = A.run_analysis(tiny_setting["teacher"], [str(run_dir)], tiny_setting["validation"], teacher_module=str(run_dir), **common)
+    assert same["students"]["okd_run"]["metrics"] == pytest.approx(base["students"]["okd_run"]["metrics"], rel=1e-6, abs=1e-9)
+    assert same["settings"]["teacher_module"] == str(run_dir)
+
+    with torch.no_grad():
+        teacher.adapter.up.bias.add_(torch.linspace(-1, 1, teacher.adapter.up.bias.numel()))
+    teacher.save_module(run_dir / "online_module")
+    moved = A.run_analysis(tiny_setting["teacher"], [str(run_dir)], tiny_setting["validation"], teacher_module=str(run_dir), **common)
+    assert moved["students"]["okd_run"]["metrics"]["forward_kl"] != pytest.approx(base["students"]["okd_run"]["metrics"]["forward_kl"])
+    with pytest.raises(FileNotFoundError, match="no online module"):
+        A.run_analysis(tiny_setting["teacher"], [str(run_dir)], tiny_setting["validation"], teacher_module=str(tmp_path), **common)

@@ -908,6 +908,7 @@ def run_analysis(
     max_examples: int | None = None,
     max_length: int = 256,
     device: str | None = None,
+    teacher_module: str | None = None,
     **options,
 ) -> dict:
     """Load the teacher, the students and the data from paths, :func:`analyze`, write JSON and plots.
@@ -922,6 +923,9 @@ def run_analysis(
         max_examples: analyse only the first N examples.
         max_length: maximum tokens per example (prompt cut from the left first).
         device: ``"cuda"``, ``"cpu"``, ...; default: CUDA when available. Models run in float32.
+        teacher_module: an OKD run's ``online_module`` directory (or the run directory): compare with
+            the adapted teacher that run trained, instead of the frozen one
+            (:func:`okd.teacher.with_online_module`).
         **options: passed to :func:`analyze`.
 
     Raises:
@@ -968,6 +972,13 @@ def run_analysis(
     examples = read_jsonl(data, tokenizer=tokenizer)[:max_examples]
     dataset = InstructionDataset(examples, tokenizer, max_length)
     teacher_model = load(teacher_dir, "teacher")
+    if teacher_module is not None:
+        from okd.teacher import with_online_module
+
+        module_dir = Path(teacher_module)
+        if (module_dir / "online_module").is_dir():  # an OKD run directory
+            module_dir = module_dir / "online_module"
+        teacher_model = with_online_module(teacher_model, module_dir).eval()
     student_models = {}
     for name, (path, _) in zip(unique, resolved):
         try:
@@ -982,7 +993,7 @@ def run_analysis(
         student_models[name] = load(path, f"student {name!r}")
     result = analyze(teacher_model, student_models, tokenizer, dataset, **options)
     result["settings"].update(
-        {"teacher": str(teacher), "students": dict(zip(unique, map(str, students))), "data": str(data),
+        {"teacher": str(teacher), "teacher_module": teacher_module, "students": dict(zip(unique, map(str, students))), "data": str(data),
          "max_length": max_length, "max_examples": max_examples, "device": str(device)}
     )
     if plots_dir:

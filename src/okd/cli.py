@@ -83,6 +83,7 @@ def analyze(
     max_new_tokens: int = 64,
     seed: int = 0,
     progress: bool = True,
+    teacher_module: str | None = None,
 ) -> None:
     """Which features of the teacher's next-token distribution does each student transfer?
 
@@ -105,6 +106,8 @@ def analyze(
         max_new_tokens: Tokens sampled per prompt for the exposure-bias measurement.
         seed: Sampling seed (the same for every model).
         progress: Show progress bars.
+        teacher_module: An OKD run directory (or its online_module/): compare with the adapted teacher
+            that run trained instead of the frozen one.
     """
     from okd.analysis import format_table, run_analysis
 
@@ -112,7 +115,7 @@ def analyze(
     result = run_analysis(
         teacher, student, data, names=name_list, json_out=json, plots_dir=plots, max_examples=max_examples,
         max_length=max_length, batch_size=batch_size, exposure_examples=exposure_examples,
-        max_new_tokens=max_new_tokens, seed=seed, progress=progress,
+        max_new_tokens=max_new_tokens, seed=seed, progress=progress, teacher_module=teacher_module,
     )
     print(format_table(result))
     print(f"\nwrote {json}")

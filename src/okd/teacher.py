@@ -184,3 +184,45 @@ def _add_lora(model: nn.Module, online: OnlineModuleConfig) -> nn.Module:
     # peft freezes every base parameter and zero-initialises LoRA's B: the wrapped model starts
     # out computing exactly what the pretrained teacher computes.
     return get_peft_model(model, lora)
+
+
+def with_online_module(model: nn.Module, directory: str | Path) -> nn.Module:
+    """The teacher ``model`` with a saved online module (``<run>/online_module``) folded in.
+
+    Returns a plain Hugging Face causal LM whose ``forward`` and ``generate`` compute the adapted
+    teacher's distribution, e.g. to analyse or evaluate the teacher an OKD student learned from:
+
+    * ``adapter``: the output head becomes ``Sequential(adapter, head)``: the same
+      ``head(adapter(last_hidden_state))`` that :class:`Teacher` computes;
+    * ``lora``: peft loads the LoRA weights and merges them into the base weights.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no ``online_module.json``.
+        ValueError: the module does not fit the model (another hidden size, unknown kind).
+    """
+    directory = Path(directory)
+    meta_path = directory / "online_module.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no online module in {directory} (expected {meta_path.name}, written by an okd run)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") == "adapter":
+        from safetensors.torch import load_file
+
+        _check_adapter_supported(model)
+        if meta["hidden_size"] != model.config.hidden_size:
+            raise ValueError(
+                f"online module in {directory} was trained on a teacher with hidden size {meta['hidden_size']}, "
+                f"this teacher has {model.config.hidden_size}"
+            )
+        adapter = ResidualAdapter(meta["hidden_size"], meta["bottleneck"])
+        adapter.load_state_dict(load_file(str(directory / "adapter.safetensors")))
+        head = model.get_output_embeddings()
+        adapter.to(device=head.weight.device)
+        model.set_output_embeddings(nn.Sequential(adapter, head))
+        return model
+    if meta.get("kind") == "lora":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+    raise ValueError(f"online module in {directory}: unknown kind {meta.get('kind')!r}")
+
