@@ -1,0 +1,57 @@
+"""``online.kind=lora``: LoRA (via peft) on the projections of the teacher's top layers.
+
+Backward runs through those top layers (more cost than the adapter, more capacity). peft freezes
+every base parameter and zero-initialises LoRA's B matrices, so the wrapped model starts out computing
+exactly what the pretrained teacher computes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from okd.online.base import OnlineModule, register_online_module
+
+
+@register_online_module
+class LoraModule(OnlineModule):
+    """The teacher wrapped by peft (``self.model`` is the ``PeftModel``); its trainable parameters are
+    the LoRA matrices, named as in the peft model (the checkpoint keys)."""
+
+    kind = "lora"
+
+    def __init__(self, model: nn.Module, config):
+        from peft import LoraConfig, get_peft_model
+
+        n_layers = model.config.num_hidden_layers
+        if not 1 <= config.lora_top_layers <= n_layers:
+            raise ValueError(f"online.lora_top_layers={config.lora_top_layers} but the teacher has {n_layers} layers")
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=config.lora_target_modules,
+            layers_to_transform=list(range(n_layers - config.lora_top_layers, n_layers)),
+            bias="none",
+        )
+        super().__init__(get_peft_model(model, lora), config)
+
+    def forward(self, input_ids, attention_mask, *, track_grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(track_grad):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: tensor for name, tensor in self.model.state_dict().items() if "lora_" not in name}
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(str(directory))
+        self.write_meta(directory)
+
+    @classmethod
+    def fold(cls, model: nn.Module, directory: Path, meta: dict) -> nn.Module:
+        """peft loads the LoRA weights and merges them into the base weights."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
