@@ -159,6 +159,21 @@ def test_repeated_student_flags_accumulate():
     assert _collect_repeated(["eval", "--student", "a"]) == ["eval", "--student", "a"]
 
 
+def test_analysis_config_groups_the_options():
+    """analyze's keyword options are AnalysisConfig's fields: keywords override a given config; bad ones fail in one line."""
+    base = A.AnalysisConfig(batch_size=2, exposure_examples=0)
+    merged = A.AnalysisConfig.from_options(base, seed=3)
+    assert (merged.batch_size, merged.exposure_examples, merged.seed) == (2, 0, 3)
+    assert A.AnalysisConfig.from_options(None, top_ks=(1,)) == A.AnalysisConfig(top_ks=(1,))
+    assert base.seed == 0  # the given config is not modified
+    with pytest.raises(TypeError, match="unknown analysis option.*batchsize"):
+        A.AnalysisConfig.from_options(None, batchsize=4)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        A.AnalysisConfig(batch_size=0)
+    with pytest.raises(ValueError, match="top_ks must be a non-empty list"):
+        A.AnalysisConfig(top_ks=())
+
+
 # --------------------------------------------------------------------------------------------------
 # On tiny models
 # --------------------------------------------------------------------------------------------------
