@@ -152,7 +152,6 @@ def exposure_bias(
     Returns:
         ``{"settings": ..., "teacher": {...}, "students": {name: {...}}}`` (JSON-ready).
     """
-    from okd.evaluation import rouge_l
     from okd.models import check_compatible
 
     if widths is None:
@@ -161,50 +160,63 @@ def exposure_bias(
     if n < 1:
         raise ValueError(f"exposure_bias needs at least one example, got num_examples={num_examples}")
     prompts = [list(dataset[i]["prompt_ids"]) for i in range(n)]
-    references = [dataset.examples[i].response for i in range(n)]
-    # Never past the shortest position table of the models involved (GPT-2's learned positions fail).
-    limits = [x for x in (_position_limit(m) for m in (teacher, *students.values())) if x]
-    room = min(limits) - max(len(p) for p in prompts) if limits else max_new_tokens
-    steps = max(1, min(max_new_tokens, room))
+    steps = _generation_steps((teacher, *students.values()), prompts, max_new_tokens)
     ls = sorted({min(int(l), steps) for l in lengths if int(l) >= 1})
-    at_l = torch.tensor([l - 1 for l in ls])
-    eos = tokenizer.eos_token_id
-
-    def sample_summary(responses: list[list[int]]) -> dict:
-        texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-        return {
-            "rouge_l": sum(rouge_l(t, ref) for t, ref in zip(texts, references)) / n,
-            "mean_length": sum(len(r) for r in responses) / n,
-            "eos_fraction": sum(bool(r) and r[-1] == eos for r in responses) / n,
-            "example": {"prompt": dataset.examples[0].prompt, "sample": texts[0], "reference": references[0]},
-        }
-
-    teacher_samples = _sample(teacher, tokenizer, prompts, max_new_tokens=steps, seed=seed,
-                              batch_size=batch_size, progress=progress, desc="sample teacher")
+    sampling = dict(max_new_tokens=steps, seed=seed, batch_size=batch_size, progress=progress)
+    teacher_samples = _sample(teacher, tokenizer, prompts, **sampling, desc="sample teacher")
     ground_truth = [_response_ids(dataset, i) for i in range(n)]
     forcing = dict(pad_token_id=tokenizer.pad_token_id, length=steps, batch_size=batch_size, chunk_tokens=chunk_tokens)
     result: dict = {
         "settings": {"num_examples": n, "max_new_tokens": steps, "requested_max_new_tokens": max_new_tokens,
                      "l": ls, "seed": seed, "temperature": 1.0},
-        "teacher": sample_summary(teacher_samples),
+        "teacher": _sample_summary(tokenizer, dataset, teacher_samples),
         "students": {},
     }
     for name, student in students.items():
-        own = _sample(student, tokenizer, prompts, max_new_tokens=steps, seed=seed,
-                      batch_size=batch_size, progress=progress, desc=f"sample {name}")
+        own = _sample(student, tokenizer, prompts, **sampling, desc=f"sample {name}")
         curves = {
             key: _error_curve(*_fkl_by_step(teacher, student, widths[name], prompts, responses, **forcing))
             for key, responses in (("student", own), ("teacher", teacher_samples), ("ground_truth", ground_truth))
         }
-        regret, oracle = curves["student"]["accumulated"], curves["teacher"]["accumulated"]
-        result["students"][name] = {
-            "l": ls,
-            "R": _floats(regret[at_l]),
-            "eps": _floats(oracle[at_l]),
-            "ex_acc_err_percent": _floats(ex_acc_err(regret[at_l], oracle[at_l])),
-            "ground_truth_accumulated_fkl": _floats(curves["ground_truth"]["accumulated"][at_l]),
-            "mean_fkl_by_step": {key: _floats(c["mean_by_step"]) for key, c in curves.items()},
-            "alive_by_step": {key: [int(v) for v in c["alive"].tolist()] for key, c in curves.items()},
-            **sample_summary(own),
-        }
+        result["students"][name] = {**_exposure_entry(curves, ls), **_sample_summary(tokenizer, dataset, own)}
     return result
+
+
+def _generation_steps(models, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """``max_new_tokens``, but never past the shortest position table of the models involved (GPT-2's
+    learned positions fail past theirs); at least 1."""
+    limits = [x for x in (_position_limit(m) for m in models) if x]
+    room = min(limits) - max(len(p) for p in prompts) if limits else max_new_tokens
+    return max(1, min(max_new_tokens, room))
+
+
+def _exposure_entry(curves: dict[str, dict[str, Tensor]], ls: list[int]) -> dict:
+    """R(l), eps(l), ExAccErr(l) and the ground-truth-prefix value at each l, plus the per-step curves."""
+    at_l = torch.tensor([l - 1 for l in ls])
+    regret, oracle = curves["student"]["accumulated"], curves["teacher"]["accumulated"]
+    return {
+        "l": ls,
+        "R": _floats(regret[at_l]),
+        "eps": _floats(oracle[at_l]),
+        "ex_acc_err_percent": _floats(ex_acc_err(regret[at_l], oracle[at_l])),
+        "ground_truth_accumulated_fkl": _floats(curves["ground_truth"]["accumulated"][at_l]),
+        "mean_fkl_by_step": {key: _floats(c["mean_by_step"]) for key, c in curves.items()},
+        "alive_by_step": {key: [int(v) for v in c["alive"].tolist()] for key, c in curves.items()},
+    }
+
+
+def _sample_summary(tokenizer, dataset, responses: list[list[int]]) -> dict:
+    """ROUGE-L against the references of the first ``len(responses)`` examples, mean length, the
+    fraction that ended at EOS, and the first example."""
+    from okd.evaluation import rouge_l
+
+    n = len(responses)
+    references = [dataset.examples[i].response for i in range(n)]
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+    eos = tokenizer.eos_token_id
+    return {
+        "rouge_l": sum(rouge_l(t, ref) for t, ref in zip(texts, references)) / n,
+        "mean_length": sum(len(r) for r in responses) / n,
+        "eos_fraction": sum(bool(r) and r[-1] == eos for r in responses) / n,
+        "example": {"prompt": dataset.examples[0].prompt, "sample": texts[0], "reference": references[0]},
+    }
