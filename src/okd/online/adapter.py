@@ -8,11 +8,15 @@ costs one small MLP and the output-head backward.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from okd.online.base import OnlineModule, register_online_module
+
+if TYPE_CHECKING:
+    from okd.config import OnlineModuleConfig
 
 WEIGHTS_FILE = "adapter.safetensors"
 
@@ -54,7 +58,7 @@ class AdapterModule(OnlineModule):
 
     kind = "adapter"
 
-    def __init__(self, model: nn.Module, config):
+    def __init__(self, model: nn.Module, config: OnlineModuleConfig):
         super().__init__(model, config)
         check_adapter_supported(model)
         self.adapter = ResidualAdapter(model.config.hidden_size, config.adapter_bottleneck)

@@ -8,11 +8,15 @@ exactly what the pretrained teacher computes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from okd.online.base import OnlineModule, register_online_module
+
+if TYPE_CHECKING:
+    from okd.config import OnlineModuleConfig
 
 
 @register_online_module
@@ -22,7 +26,7 @@ class LoraModule(OnlineModule):
 
     kind = "lora"
 
-    def __init__(self, model: nn.Module, config):
+    def __init__(self, model: nn.Module, config: OnlineModuleConfig):
         from peft import LoraConfig, get_peft_model
 
         n_layers = model.config.num_hidden_layers
