@@ -212,15 +212,35 @@ def _saved_tokenizer(source: str):
     return tokenizer
 
 
-def _learning_rate_schedule(optimizer, train: TrainConfig):
+def _learning_rate_schedule(optimizer, train: TrainConfig, horizon: int):
+    """The student's schedule over ``horizon`` steps (the max_steps of the run that started it)."""
     from transformers import get_scheduler
 
     return get_scheduler(
         "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler,
         optimizer,
         num_warmup_steps=train.warmup_steps,
-        num_training_steps=train.max_steps,
+        num_training_steps=horizon,
     )
+
+
+def schedule_horizon(train: TrainConfig, checkpoint_meta: dict | None) -> int:
+    """Steps the learning-rate schedule spans: ``train.max_steps`` for a new run; for a resumed one,
+    the horizon of the run that wrote the checkpoint, so that a changed step budget does not bend
+    the schedule (cosine and linear are functions of it). A budget past that horizon is refused for
+    those schedules: their rate has decayed to its end value there."""
+    if checkpoint_meta is None:
+        return train.max_steps
+    horizon = checkpoint_meta.get("schedule_horizon")
+    if horizon is None:  # checkpoints written before the horizon was stored
+        horizon = checkpoint_meta.get("run_config", {}).get("train.max_steps", train.max_steps)
+    horizon = int(horizon)
+    if train.lr_scheduler != "constant" and train.max_steps > horizon:
+        raise ValueError(
+            f"cannot resume with train.max_steps {train.max_steps}: the checkpoint's {train.lr_scheduler} "
+            f"schedule ends at step {horizon}; resume with train.max_steps <= {horizon}, or start a new run"
+        )
+    return horizon
 
 
 RUN_OUTPUTS = ("metrics.jsonl", "run_config.yaml", "train_summary.json", "student", "online_module", "checkpoints")
@@ -350,6 +370,8 @@ class Distiller:
         self.train_config, self.eval_config, self.progress = train, eval, progress
         self.output = Path(output_dir)
         self.accelerator = accelerator = Accelerator(
+            # The schedule is not handed to Accelerate (see below); this keeps it so if it ever is.
+            step_scheduler_with_optimizer=False,
             # Without an accelerator device, say so: Accelerate then runs several processes with gloo
             # (`accelerate launch --multi_gpu --num_processes 2` on a CPU machine) instead of one.
             cpu=not _has_accelerator_device(),
@@ -383,9 +405,13 @@ class Distiller:
             _clear_output_dir(self.output, overwrite, resume)
         accelerator.wait_for_everyone()
 
+        checkpoint = latest_checkpoint(self.output) if resume else None
+        checkpoint_meta = json.loads((checkpoint / CHECKPOINT_COMPLETE).read_text()) if checkpoint else None
+        self.schedule_horizon = schedule_horizon(train, checkpoint_meta)
         optimizer = torch.optim.AdamW(student.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
-        scheduler = _learning_rate_schedule(optimizer, train)
-        self.student, self.optimizer, self.scheduler = accelerator.prepare(student, optimizer, scheduler)
+        self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        # Not prepared: Accelerate's wrapper steps a schedule once per process per optimizer step.
+        self.scheduler = _learning_rate_schedule(self.optimizer, train, self.schedule_horizon)
         self.module_optimizer = None
         if self.online_config is not None:
             self.module_optimizer = torch.optim.AdamW(
@@ -410,7 +436,6 @@ class Distiller:
             "num_processes": accelerator.num_processes,
         }
         if resume:
-            checkpoint = latest_checkpoint(self.output)
             if checkpoint is not None:
                 self.load_checkpoint(checkpoint)
             elif accelerator.is_main_process and (self.output / "metrics.jsonl").exists():
@@ -705,6 +730,7 @@ class Distiller:
                 "train_seconds": elapsed,
                 "final_metrics": self.final_metrics,
                 "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
+                "schedule_horizon": self.schedule_horizon,
                 # What made this run, so that --resume can refuse a different one.
                 "run_config": _comparable(self.run_config),
             }
