@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, SamplingConfig, TrainConfig
-from okd.evaluation import GenerationConfig, evaluate_model, write_json_atomic
+from okd.evaluation import GenerationConfig, evaluate_model
+from okd.io import write_json, write_text
 
 DEFAULT_METHODS = ["sft", "kd", "rkl", "okd", "gkd", "distillm"]
 
@@ -211,7 +212,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", methods: list[s
         score(name, run.output_dir / "student", run.train_seconds, run.steps)
 
     results["total_seconds"] = time.perf_counter() - started
-    write_json_atomic(out / "results.json", results)
+    write_json(out / "results.json", results)
     _plot(results, out, methods)
     _write_report(results, out, methods)
     log(f"report: {out / 'report.md'}")
@@ -289,5 +290,4 @@ def _write_report(results: dict, out: Path, methods: list[str]) -> None:
     for name in ["teacher", *methods]:
         sample = results["methods"][name]["samples"][0]
         lines.append(f"- **{name}**: {sample['prediction']!r} (reference: {sample['reference']!r})")
-    (out / "report.md.tmp").write_text("\n".join(lines) + "\n")
-    (out / "report.md.tmp").replace(out / "report.md")
+    write_text(out / "report.md", "\n".join(lines) + "\n")
