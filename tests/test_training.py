@@ -284,3 +284,19 @@ def test_resume_with_a_smaller_budget_keeps_the_schedule_and_refuses_a_larger_on
     resumed = distill(**cosine(6), output_dir=str(tmp_path / "run"), resume=True)
     assert resumed.steps == 6
     assert rates(resumed.output_dir) == rates(full.output_dir)[:6]
+
+
+def test_distill_parameters_are_the_fields_of_distill_config():
+    """One description of a run: distill's signature (the CLI's schema) is DistillConfig's fields."""
+    import dataclasses
+    import inspect
+
+    from okd.config import DistillConfig
+
+    parameters = inspect.signature(distill).parameters
+    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    assert list(parameters) == list(fields)
+    for name, field in fields.items():
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if parameters[name].default is not inspect.Parameter.empty:
+            assert parameters[name].default == default, name

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from okd.divergences import DIVERGENCES
-from okd.sources import source_names
+from okd.sources import SOURCES, source_names
 
 # Both lists come from their registries: a new source or divergence needs no edit here.
 SourceName = Literal[source_names()]  # type: ignore[valid-type]
@@ -161,6 +161,8 @@ def resolve_method(method: MethodConfig) -> ResolvedMethod:
             values[f.name] = value
     if values["divergence"] not in DIVERGENCE_NAMES:
         raise ValueError(unknown_choice("divergence", values["divergence"], DIVERGENCE_NAMES))
+    if values["source"] not in SOURCES:  # the live registry: a source registered later counts too
+        raise ValueError(unknown_choice("method.source", values["source"], SOURCES))
     if not 0.0 <= values["kd_ratio"] <= 1.0:
         raise ValueError(f"method.kd_ratio must be in [0, 1], got {values['kd_ratio']}")
     if values["temperature"] <= 0:

@@ -145,7 +145,20 @@ def evaluate(
     generation: GenerationConfig = GenerationConfig(),
     progress: bool = True,
 ) -> dict:
-    """Evaluate a saved model on a JSONL test file: ROUGE-L and exact match, mean and spread over seeds."""
+    """Evaluate a saved model on a JSONL file: ROUGE-L and exact match, mean and spread over seeds.
+
+    This signature is also the schema of ``okd eval`` (``--json`` is accepted for ``--json-out``).
+
+    Args:
+        model: Directory (or hub id) of the model to evaluate.
+        data: JSONL test file.
+        seeds: Comma-separated sampling seeds (greedy decoding uses only the first).
+        json_out: Write the result to this JSON file (atomically).
+        max_examples: Evaluate only the first N examples.
+        max_length: Maximum prompt tokens (prompts are cut from the left).
+        generation: How responses are generated.
+        progress: Show a progress bar.
+    """
     from okd.data import InstructionDataset, ensure_pad_token, read_jsonl
     from okd.models import load_model, load_tokenizer
 
