@@ -77,6 +77,31 @@ def write_checkpoint(root: Path, step: int, state: dict, meta: dict, keep: int) 
     return final
 
 
+def training_state(student, optimizer, scheduler, teacher, module_optimizer, source_states: list) -> dict:
+    """The ``state.pt`` dict (``teacher``: the Teacher whose online module is saved, or None)."""
+    return {
+        "student": student.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "module": teacher.module_state_dict() if teacher is not None else None,
+        "module_optimizer": module_optimizer.state_dict() if module_optimizer is not None else None,
+        "source": source_states,  # one per process: generation-based sources differ by rank
+        "rng": rng_state(),
+    }
+
+
+def restore_training_state(state: dict, student, optimizer, scheduler, teacher, module_optimizer, source, rank: int) -> None:
+    """Load a ``training_state`` dict back into the run's objects (this process's source state)."""
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if teacher is not None:
+        teacher.load_module_state_dict(state["module"])
+        module_optimizer.load_state_dict(state["module_optimizer"])
+    source.load_state_dict(state["source"][rank])
+    restore_rng(state["rng"])
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 

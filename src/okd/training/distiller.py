@@ -49,7 +49,7 @@ from okd.sources import SourceSetup, build_source
 from okd.teacher import Teacher
 
 from . import checkpoint as ckpt
-from .distributed import Processes, TokenCount, has_accelerator_device
+from .distributed import Processes, TokenCount, make_accelerator
 from .setup import check_output_dir, clear_output_dir, load_datasets, load_models
 from .signals import StopOnSignal
 from .validation import validation_metrics
@@ -82,7 +82,6 @@ class Distiller:
     """
 
     def __init__(self, config: DistillConfig | ModelConfig | None = None, **fields):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         from okd.data import Collator
@@ -92,16 +91,7 @@ class Distiller:
         self.method, self.sampling = config.resolved()
         self.online_config = config.online if self.method.online_teacher else None
         self.output = Path(config.output_dir)
-        self.accelerator = accelerator = Accelerator(
-            # Without an accelerator device, say so: Accelerate then runs several processes with gloo
-            # (`accelerate launch --multi_gpu --num_processes 2` on a CPU machine) instead of one.
-            cpu=not has_accelerator_device(),
-            mixed_precision=train.mixed_precision,
-            log_with=list(train.report_to) or None,
-            project_dir=str(self.output),
-            # The schedule is not handed to Accelerate (see below); this keeps it so if it ever is.
-            step_scheduler_with_optimizer=False,
-        )
+        self.accelerator = accelerator = make_accelerator(train, self.output)
         self.processes = Processes(accelerator)
         check_output_dir(self.output, config.overwrite, config.resume)
         set_seed(train.seed)
@@ -264,22 +254,7 @@ class Distiller:
             stopping = self.processes.any(stop.requested)  # a stop on any process stops all after this step
             if step % train.log_every == 0 or step == train.max_steps or losses.skipped or stopping:
                 now = time.perf_counter()
-                tokens = losses.tokens or TokenCount(torch.tensor(1.0), torch.tensor(1.0))
-                record = {
-                    "step": step,
-                    **self.processes.global_means(losses.as_floats(), tokens),
-                    "learning_rate": self.scheduler.get_last_lr()[0],
-                    "module_updated": update_module and not losses.skipped,
-                    "tokens_per_second": tokens_since_log / max(now - time_since_log, 1e-9),
-                    "elapsed_seconds": self.elapsed(),
-                    "epoch": self.source.epoch,
-                    "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
-                }
-                if losses.skipped:
-                    record["skipped"] = True
-                record.update({f"source_{k}": v for k, v in self.source.stats().items()})
-                if self.module_optimizer is not None:
-                    record["module_learning_rate"] = self.module_optimizer.param_groups[0]["lr"]
+                record = self._record(losses, update_module, tokens_since_log / max(now - time_since_log, 1e-9))
                 tokens_since_log, time_since_log = 0, now
                 eval_every = self.config.eval.every
                 if self.validation_set is not None and ((eval_every and step % eval_every == 0) or step == train.max_steps):
@@ -300,6 +275,25 @@ class Distiller:
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
                 self.save_checkpoint()
 
+    def _record(self, losses: StepLosses, update_module: bool, tokens_per_second: float) -> dict:
+        """The metrics line of this step (loss terms averaged over processes)."""
+        tokens = losses.tokens or TokenCount(torch.tensor(1.0), torch.tensor(1.0))
+        record = {
+            "step": self.step,
+            **self.processes.global_means(losses.as_floats(), tokens),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "module_updated": update_module and not losses.skipped,
+            "tokens_per_second": tokens_per_second,
+            "elapsed_seconds": self.elapsed(),
+            "epoch": self.source.epoch,
+            "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
+            **({"skipped": True} if losses.skipped else {}),
+            **{f"source_{k}": v for k, v in self.source.stats().items()},
+        }
+        if self.module_optimizer is not None:
+            record["module_learning_rate"] = self.module_optimizer.param_groups[0]["lr"]
+        return record
+
     def validate(self) -> dict:
         """Held-out metrics; the validation CE also drives DistiLLM's adaptive source."""
         metrics = validation_metrics(
@@ -318,15 +312,10 @@ class Distiller:
         source_states = self.processes.gather_objects(self.source.state_dict())
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {
-                "student": accelerator.unwrap_model(self.student).state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "module": self.teacher.module_state_dict() if self.online_config else None,
-                "module_optimizer": self.module_optimizer.state_dict() if self.module_optimizer else None,
-                "source": source_states,
-                "rng": ckpt.rng_state(),
-            }
+            state = ckpt.training_state(
+                accelerator.unwrap_model(self.student), self.optimizer, self.scheduler,
+                self.teacher if self.online_config else None, self.module_optimizer, source_states,
+            )
             meta = {
                 "step": self.step,
                 "train_seconds": self.elapsed(),
@@ -345,14 +334,10 @@ class Distiller:
         state, meta = ckpt.read_state(path), ckpt.read_meta(path)
         if "run_config" in meta:  # checkpoints from before this check carry no config
             ckpt.check_same_run(meta["run_config"], ckpt.flatten_run_config(self.run_config), path)
-        self.accelerator.unwrap_model(self.student).load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.online_config is not None:
-            self.teacher.load_module_state_dict(state["module"])
-            self.module_optimizer.load_state_dict(state["module_optimizer"])
-        self.source.load_state_dict(state["source"][self.accelerator.process_index])
-        ckpt.restore_rng(state["rng"])
+        ckpt.restore_training_state(
+            state, self.accelerator.unwrap_model(self.student), self.optimizer, self.scheduler,
+            self.teacher if self.online_config else None, self.module_optimizer, self.source, self.accelerator.process_index,
+        )
         self.step = int(meta["step"])
         self.train_seconds = float(meta["train_seconds"])
         self.final_metrics = meta["final_metrics"]

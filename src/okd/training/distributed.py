@@ -24,6 +24,23 @@ def has_accelerator_device() -> bool:
     return hasattr(torch, "xpu") and torch.xpu.is_available()
 
 
+def make_accelerator(train, output_dir):
+    """The run's ``accelerate.Accelerator`` (``train``: the TrainConfig)."""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        # Without an accelerator device, say so: Accelerate then runs several processes with gloo
+        # (`accelerate launch --multi_gpu --num_processes 2` on a CPU machine) instead of one.
+        cpu=not has_accelerator_device(),
+        mixed_precision=train.mixed_precision,
+        log_with=list(train.report_to) or None,
+        project_dir=str(output_dir),
+        # The loop does not hand its schedule to Accelerate, whose wrapper would step it once per
+        # process per optimizer step; this keeps a prepared one right too.
+        step_scheduler_with_optimizer=False,
+    )
+
+
 @dataclass
 class TokenCount:
     """Loss tokens of one step: on this process and over all processes."""
