@@ -56,7 +56,7 @@ def run_one(method: str, size: str, seed: int, args, demo: Path, test_set, workd
     preset, sampling_overrides = parse_method(method)
     setup_started = time.perf_counter()
     distiller = Distiller(
-        model=ModelConfig(teacher=str(demo / "teacher" / "student"), tokenizer=str(demo / "tokenizer"), student_size=size),
+        model=ModelConfig(teacher=str(demo / "teacher"), tokenizer=str(demo / "tokenizer"), student_size=size),
         method=MethodConfig(name=preset),
         data=DataConfig(
             train_file=str(demo / "data" / "train.jsonl"),
@@ -183,7 +183,7 @@ def main() -> None:
         report(results, results["settings"]["methods"].split(","), out)
         return
     demo = Path(args.demo_dir)
-    if not (demo / "teacher" / "student" / "config.json").exists():
+    if not (demo / "teacher" / "config.json").exists():
         sys.exit(f"no teacher in {demo}: run `okd demo` (or `okd demo --quick --output-dir {demo}`) first")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -91,3 +91,30 @@ def test_two_processes_make_the_same_replay_choices(tiny_setting, tmp_path):
     assert summary["num_processes"] == 2
     assert summary["source_consistent_across_processes"] is True
     assert summary["final"]["source_student_fraction"] > 0  # student samples were used
+
+
+def test_two_processes_follow_the_learning_rate_schedule_of_one_process(tiny_setting, tmp_path):
+    """The default schedule (cosine with warm-up) advances once per optimizer step whatever the process
+    count: Accelerate's prepared scheduler would step it once per process (issue 12, bug A)."""
+    from engine_helpers import configs
+
+    from okd.training import distill
+
+    kwargs = configs(tiny_setting, "sft", steps=6)
+    kwargs["train"].batch_size, kwargs["train"].lr_scheduler, kwargs["train"].warmup_steps = 8, "cosine", 2
+    kwargs["data"].validation_file = None
+    single = distill(**kwargs, output_dir=str(tmp_path / "single"))
+
+    out = tmp_path / "ddp"
+    _launch_distill(
+        tiny_setting, out, "sft", "--train.max_steps", "6", "--data.validation_file", "null",
+        "--train.learning_rate", str(kwargs["train"].learning_rate), "--train.lr_scheduler", "cosine",
+        "--train.warmup_steps", "2",
+    )
+
+    def rates(path):
+        return [json.loads(line)["learning_rate"] for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    one, two = rates(single.output_dir), rates(out)
+    assert len(one) == 6 and len(set(one)) > 3  # warm-up then decay: the rate moves every step
+    assert two == one

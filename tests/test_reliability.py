@@ -137,3 +137,88 @@ def test_skip_nonfinite_steps_skips_and_counts(tiny_setting, tmp_path):
     assert rows[-1]["nonfinite_steps_skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))  # the skipped step moved nothing
     assert all(torch.isfinite(p).all() for p in distiller.student.parameters())
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root (hidden ones included) with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _fail_on_replace(monkeypatch):
+    """Make the rename that publishes a write fail: the data is written, the final step is not."""
+    import os
+
+    def failing_replace(src, dst):
+        raise OSError(f"injected failure renaming {src} -> {dst}")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_intact(tiny_setting, tmp_path, monkeypatch):
+    """A checkpoint write that fails between writing and renaming (as a kill would) leaves the previous
+    complete checkpoint as it was, and nothing visible under the new checkpoint's name."""
+    kwargs = configs(tiny_setting, "okd", steps=4)
+    kwargs["train"].checkpoint_every = 2
+    distiller = Distiller(**kwargs, output_dir=str(tmp_path / "run"))
+    original_step = distiller.training_step
+
+    def stop_at_step_4(batch, update_module):
+        if distiller.step == 4:
+            raise KeyboardInterrupt
+        return original_step(batch, update_module)
+
+    distiller.training_step = stop_at_step_4
+    with pytest.raises(KeyboardInterrupt):
+        distiller.train()
+    root = tmp_path / "run" / "checkpoints"
+    before = _snapshot(root)
+    assert [p.name for p in root.iterdir()] == ["step-00000002"]
+
+    distiller.step = 3  # the checkpoint of a later step, then a rewrite of the existing one
+    with monkeypatch.context() as patch:
+        _fail_on_replace(patch)
+        with pytest.raises(OSError, match="injected failure"):
+            distiller.save_checkpoint()
+    distiller.step = 2
+    with monkeypatch.context() as patch:
+        _fail_on_replace(patch)
+        with pytest.raises(OSError, match="injected failure"):
+            distiller.save_checkpoint()
+    assert _snapshot(root) == before  # no leftover, not even a hidden one
+    assert latest_checkpoint(tmp_path / "run") == root / "step-00000002"
+    # ... and it still resumes.
+    assert distill(**configs(tiny_setting, "okd", steps=4), output_dir=str(tmp_path / "run"), resume=True).steps == 4
+
+
+def test_interrupted_result_writes_leave_the_previous_files_intact(tiny_setting, tmp_path, monkeypatch):
+    """train_summary.json, the metrics rewrite of a resume, run_config.yaml and evaluation's JSON:
+    a failure between write and rename keeps the old complete file and leaves no partial one."""
+    from okd.evaluation import evaluate
+    from okd.training.checkpoint import drop_metrics_after
+
+    kwargs = configs(tiny_setting, "kd", steps=2)
+    distiller = Distiller(**kwargs, output_dir=str(tmp_path / "run"))
+    distiller.train()
+    distiller.save()
+    out = tmp_path / "run"
+    eval_json = tmp_path / "eval.json"
+    evaluate(str(out / "student"), tiny_setting["validation"], seeds="1", json_out=str(eval_json), max_examples=2, progress=False)
+    before = _snapshot(tmp_path)
+
+    with monkeypatch.context() as patch:
+        _fail_on_replace(patch)
+        with pytest.raises(OSError, match="injected failure"):
+            distiller.save()  # the student directory, then train_summary.json
+        distiller.final_metrics = {"changed": 1.0}
+        with pytest.raises(OSError, match="injected failure"):
+            distiller.save_checkpoint()
+        with pytest.raises(OSError, match="injected failure"):
+            drop_metrics_after(out / "metrics.jsonl", 1)
+        with pytest.raises(OSError, match="injected failure"):
+            distiller.train()  # rewrites run_config.yaml first
+        with pytest.raises(OSError, match="injected failure"):
+            evaluate(str(out / "student"), tiny_setting["validation"], seeds="2", json_out=str(eval_json), max_examples=2, progress=False)
+    after = _snapshot(tmp_path)
+    assert after.keys() == before.keys()  # no half-written file under any name, hidden ones included
+    for name in ("run/train_summary.json", "run/metrics.jsonl", "run/run_config.yaml", "eval.json", "run/student/model.safetensors"):
+        assert after[name] == before[name], name

@@ -429,3 +429,45 @@ def test_teacher_generated_cache_and_batches(env, tmp_path, monkeypatch):
     assert restored.key == changed.key
     again.load_state_dict(state)
     assert same_batch(again.next_batch(), source.next_batch())
+
+
+def test_config_source_names_come_from_the_registry():
+    import typing
+
+    from okd.config import MethodConfig, SourceName, resolve_method
+    from okd.sources import SOURCES, Source, register_source
+
+    assert set(typing.get_args(SourceName)) == set(SOURCES) == {"ground_truth", "teacher_generated", "on_policy", "adaptive_replay"}
+    assert all(issubclass(cls, Source) and cls.name == name for name, cls in SOURCES.items())
+
+    @register_source("test_constant")
+    class Constant(Source):  # the smallest source: the defaults cover stats and validation
+        @classmethod
+        def from_config(cls, setup):
+            return cls()
+
+    try:
+        assert Constant().stats() == {} and Constant().observe_validation_loss(1.0) is None
+        assert resolve_method(MethodConfig(name="kd", source="test_constant")).source == "test_constant"
+    finally:
+        del SOURCES["test_constant"]
+    with pytest.raises(ValueError, match="did you mean 'on_policy'"):
+        resolve_method(MethodConfig(name="kd", source="on_polcy"))
+
+
+def test_isolated_rng_seeds_then_restores_every_generator():
+    from okd.generation import isolated_rng
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    cuda_before = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    with isolated_rng(7):
+        inside = torch.rand(3)
+        if torch.cuda.is_available():
+            cuda_inside = torch.rand(3, device="cuda")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(7)
+    assert torch.equal(inside, torch.rand(3))
+    if torch.cuda.is_available():  # every CUDA generator comes back, not only the CPU one
+        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda_before))
+        assert torch.equal(cuda_inside, torch.rand(3, device="cuda"))

@@ -250,3 +250,53 @@ def test_gkd_with_full_on_policy_ratio_never_uses_ground_truth(tiny_setting, tmp
     )
     rows = [json.loads(line) for line in (run.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["source_on_policy_fraction"] for r in rows] == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_resume_with_a_smaller_budget_keeps_the_schedule_and_refuses_a_larger_one(tiny_setting, tmp_path):
+    """Cosine and linear schedules are functions of train.max_steps: a resumed run keeps the horizon
+    of the run that wrote the checkpoint (it stops earlier on the same trajectory), and a budget past
+    that horizon is refused with a one-line error naming train.max_steps (issue 12, bug B)."""
+
+    def rates(path):
+        return [json.loads(line)["learning_rate"] for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    def cosine(steps):
+        kwargs = configs(tiny_setting, "sft", steps=steps)
+        kwargs["train"].lr_scheduler, kwargs["train"].warmup_steps, kwargs["train"].checkpoint_every = "cosine", 2, 2
+        kwargs["data"].validation_file = None
+        return kwargs
+
+    full = distill(**cosine(8), output_dir=str(tmp_path / "full"))
+    distiller = Distiller(**cosine(8), output_dir=str(tmp_path / "run"))
+    original_step = distiller.training_step
+
+    def crash_at_step_5(batch, update_module):
+        if distiller.step == 5:
+            raise KeyboardInterrupt
+        return original_step(batch, update_module)
+
+    distiller.training_step = crash_at_step_5
+    with pytest.raises(KeyboardInterrupt):
+        distiller.train()
+
+    with pytest.raises(ValueError, match=r"train\.max_steps"):
+        Distiller(**cosine(12), output_dir=str(tmp_path / "run"), resume=True)
+    resumed = distill(**cosine(6), output_dir=str(tmp_path / "run"), resume=True)
+    assert resumed.steps == 6
+    assert rates(resumed.output_dir) == rates(full.output_dir)[:6]
+
+
+def test_distill_parameters_are_the_fields_of_distill_config():
+    """One description of a run: distill's signature (the CLI's schema) is DistillConfig's fields."""
+    import dataclasses
+    import inspect
+
+    from okd.config import DistillConfig
+
+    parameters = inspect.signature(distill).parameters
+    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    assert list(parameters) == list(fields)
+    for name, field in fields.items():
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if parameters[name].default is not inspect.Parameter.empty:
+            assert parameters[name].default == default, name

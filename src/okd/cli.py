@@ -11,7 +11,7 @@ are interchangeable in option names (``--output-dir`` = ``--output_dir``).
 
 from __future__ import annotations
 
-import difflib
+import functools
 import json as _json
 import os
 import re
@@ -19,7 +19,8 @@ import sys
 
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
 
-from okd.evaluation import GenerationConfig
+from okd.config import closest
+from okd.evaluation import evaluate
 from okd.training import distill
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -39,34 +40,23 @@ def data_build(out_dir: str = "runs/data/builtin", force: bool = False) -> None:
         print(f"{split}: {path}")
 
 
-def eval(
-    model: str,
-    data: str,
-    seeds: str = "10,20,30",
-    json: str | None = None,
-    max_examples: int | None = None,
-    max_length: int = 256,
-    generation: GenerationConfig = GenerationConfig(),
-) -> None:
-    """Evaluate a saved model on a JSONL file: ROUGE-L and exact match, mean and spread over seeds.
-
-    Args:
-        model: Directory (or hub id) of the model to evaluate.
-        data: JSONL test file.
-        seeds: Comma-separated sampling seeds (greedy decoding uses only the first).
-        json: Write the result to this JSON file.
-        max_examples: Evaluate only the first N examples.
-        max_length: Maximum prompt tokens (prompts are cut from the left).
-        generation: How responses are generated.
-    """
-    from okd.evaluation import evaluate
-
-    result = evaluate(model, data, seeds=seeds, json_out=json, max_examples=max_examples, max_length=max_length, generation=generation)
+def _report_evaluation(result: dict) -> None:
     print(
         f"ROUGE-L {result['rouge_l_mean']:.2f} +- {result['rouge_l_std']:.2f}, "
         f"exact match {result['exact_match_mean']:.2f} over {result['num_examples']} examples "
         f"and {len(result['per_seed'])} seed(s)"
     )
+
+
+def printing(function, report):
+    """A subcommand with ``function``'s signature and help (jsonargparse reads them through
+    ``functools.wraps``) that prints ``report(result)`` instead of returning the result."""
+
+    @functools.wraps(function)
+    def command(*args, **kwargs):
+        report(function(*args, **kwargs))
+
+    return command
 
 
 def analyze(
@@ -146,9 +136,9 @@ class _Parser(ArgumentParser):
             # the top-level parser; the keys to compare with are the subcommand's.
             parser = getattr(ex, "subcommand_parser", None) or self
             known = [o.lstrip("-") for a in parser._actions for o in a.option_strings]
-            close = difflib.get_close_matches(match.group(1), known, n=1)
+            close = closest(match.group(1), known)
             if close:
-                message = f"{message} (did you mean --{close[0]}?)"
+                message = f"{message} (did you mean --{close}?)"
         return super().error(message, ex)
 
 
@@ -217,22 +207,34 @@ def _collect_repeated(argv: list[str]) -> list[str]:
     return out
 
 
+# The subcommands: each is a typed function whose signature is its options. Adding one (or a group,
+# a dict with a "_help" entry) is one line here.
+COMMANDS: dict = {
+    "data": {"_help": "Data tools.", "build": data_build},
+    "distill": distill,
+    "eval": printing(evaluate, _report_evaluation),
+    "analyze": analyze,
+    "demo": demo,
+}
+
+# Option names kept from earlier versions: {subcommand: {old name: parameter}}.
+ALIASES = {"eval": {"json": "json_out"}}
+
+
+def _apply_aliases(argv: list[str]) -> list[str]:
+    aliases = ALIASES.get(argv[0] if argv else "", {})
+    out = []
+    for arg in argv:
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        out.append(f"--{aliases[name]}{eq}{value}" if name in aliases else arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = _collect_repeated(_normalise_option_names(sys.argv[1:] if argv is None else list(argv)))
+    argv = _apply_aliases(_collect_repeated(_normalise_option_names(sys.argv[1:] if argv is None else list(argv))))
     try:
-        auto_cli(
-            {
-                "data": {"_help": "Data tools.", "build": data_build},
-                "distill": distill,
-                "eval": eval,
-                "analyze": analyze,
-                "demo": demo,
-            },
-            args=argv,
-            as_positional=False,
-            parser_class=_Parser,
-        )
+        auto_cli(COMMANDS, args=argv, as_positional=False, parser_class=_Parser)
     except KeyboardInterrupt as error:
         # A second SIGINT/SIGTERM during training (the first one saves a checkpoint and returns).
         print(f"okd: interrupted ({error or 'KeyboardInterrupt'})", file=sys.stderr)

@@ -1,14 +1,17 @@
-"""Typed configuration for `okd distill`: one dataclass per concern.
+"""Typed configuration for `okd distill`: one dataclass per concern, and `DistillConfig` of them all.
 
-A run is described by six sections (model, method, online, data, train, eval). Every field has a
+A run is described by seven sections: model, method, online, data, train, eval and sampling (plus
+`output_dir`, `overwrite`, `resume`, `progress`); `DistillConfig` holds them. Every field has a
 docstring, which is also its `--help` text: the command line is generated from these classes by
 jsonargparse, so `okd distill --config configs/demo.yaml --train.max_steps 50` loads the YAML file and
 then overrides one field.
 
 A *method* is three independent choices (see `MethodConfig`):
-  where the training sequences come from (`source`), which divergence the student minimises
-  (`divergence`), and whether the teacher adapts (`online_teacher`, i.e. OKD).
-Named presets (`METHOD_PRESETS`) fill those choices; any field set explicitly wins over the preset.
+  where the training sequences come from (`source`, a name in the `okd.sources` registry), which
+  divergence the student minimises (`divergence`, a name in `okd.divergences.DIVERGENCES`), and
+  whether the teacher adapts (`online_teacher`, i.e. OKD).
+Named presets (`METHOD_PRESETS`: sft, kd, rkl, jsd, tvd, skl, srkl, akl, okd, seqkd, imitkd, gkd,
+distillm) fill those choices; any field set explicitly wins over the preset.
 """
 
 from __future__ import annotations
@@ -18,16 +21,25 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-SourceName = Literal["ground_truth", "teacher_generated", "on_policy", "adaptive_replay"]
-DIVERGENCE_NAMES = (
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "tvd",
-    "skew_kl",
-    "skew_reverse_kl",
-    "adaptive_kl",
-)
+from okd.divergences import DIVERGENCES
+from okd.sources import SOURCES, source_names
+
+# Both lists come from their registries: a new source or divergence needs no edit here.
+SourceName = Literal[source_names()]  # type: ignore[valid-type]
+DIVERGENCE_NAMES = tuple(DIVERGENCES)
+
+
+def closest(value: str, valid) -> str | None:
+    """The entry of ``valid`` closest to a misspelled ``value`` (None if nothing is close)."""
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+    return close[0] if close else None
+
+
+def unknown_choice(kind: str, value: str, valid) -> str:
+    """One-line message for a name that is not among ``valid``, with a suggestion when one is close."""
+    suggestion = closest(value, valid)
+    hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+    return f"unknown {kind} {value!r}{hint} (valid: {', '.join(valid)})"
 
 
 @dataclass
@@ -56,7 +68,8 @@ class MethodConfig:
     """What the student learns from. Empty fields take the value of the preset named by `name`."""
 
     name: str = "kd"
-    """Preset: sft, kd, rkl, jsd, tvd, skl, srkl, akl or okd (see okd.config.METHOD_PRESETS)."""
+    """Preset: sft, kd, rkl, jsd, tvd, skl, srkl, akl, okd, seqkd, imitkd, gkd or distillm (see
+    okd.config.METHOD_PRESETS)."""
     source: Optional[SourceName] = None
     """Where training sequences come from. ground_truth: the dataset's responses; teacher_generated:
     the teacher's responses to the training prompts, generated once and cached (SeqKD); on_policy:
@@ -140,14 +153,16 @@ SAMPLING_PRESETS: dict[str, dict[str, float]] = {
 def resolve_method(method: MethodConfig) -> ResolvedMethod:
     """Fill the empty fields of `method` from its preset; check the result."""
     if method.name not in METHOD_PRESETS:
-        raise ValueError(_unknown("method preset", method.name, METHOD_PRESETS))
+        raise ValueError(unknown_choice("method preset", method.name, METHOD_PRESETS))
     values = dict(METHOD_PRESETS[method.name])
     for f in dataclasses.fields(MethodConfig):
         value = getattr(method, f.name)
         if f.name != "name" and value is not None:
             values[f.name] = value
     if values["divergence"] not in DIVERGENCE_NAMES:
-        raise ValueError(_unknown("divergence", values["divergence"], DIVERGENCE_NAMES))
+        raise ValueError(unknown_choice("divergence", values["divergence"], DIVERGENCE_NAMES))
+    if values["source"] not in SOURCES:  # the live registry: a source registered later counts too
+        raise ValueError(unknown_choice("method.source", values["source"], SOURCES))
     if not 0.0 <= values["kd_ratio"] <= 1.0:
         raise ValueError(f"method.kd_ratio must be in [0, 1], got {values['kd_ratio']}")
     if values["temperature"] <= 0:
@@ -328,7 +343,49 @@ class EvalConfig:
     """Batch size for validation."""
 
 
-def _unknown(kind: str, value: str, valid) -> str:
-    close = difflib.get_close_matches(str(value), list(valid), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {value!r}{hint} (valid: {', '.join(valid)})"
+# The sections of a run, in the order the saved run_config.yaml lists them.
+SECTIONS = ("model", "method", "online", "data", "train", "eval", "sampling")
+
+
+@dataclass
+class DistillConfig:
+    """A whole distillation run: the seven sections, where its outputs go, and how to start.
+
+    ``distill(**fields)``, ``Distiller(config)``, ``okd distill`` (whose options are these fields),
+    the saved ``run_config.yaml`` and the resume check all use this one description.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    online: OnlineModuleConfig = field(default_factory=OnlineModuleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    output_dir: str = "runs/distill"
+    """Directory for the run's outputs."""
+    overwrite: bool = False
+    """Replace a previous run in output_dir."""
+    resume: bool = False
+    """Continue the run in output_dir from its latest complete checkpoint."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def resolved(self) -> tuple[ResolvedMethod, SamplingConfig]:
+        """The method and sampling sections with every empty field filled from the preset."""
+        method = resolve_method(self.method)
+        return method, resolve_sampling(self.sampling, method)
+
+    def run_config(self, num_processes: int) -> dict:
+        """What the run computes, as saved in ``run_config.yaml`` and checked on ``--resume``: every
+        section with the method and sampling resolved; a section the method does not use (online
+        without OKD, sampling with ground-truth data) is None, so changing it never blocks a resume."""
+        method, sampling = self.resolved()
+        used = {"online": method.online_teacher, "sampling": method.source != "ground_truth"}
+        values = {"method": method, "sampling": sampling}
+        record = {
+            name: dataclasses.asdict(values.get(name, getattr(self, name))) if used.get(name, True) else None
+            for name in SECTIONS
+        }
+        record["num_processes"] = num_processes
+        return record

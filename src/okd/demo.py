@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, SamplingConfig, TrainConfig
-from okd.evaluation import GenerationConfig, evaluate_model, write_json_atomic
+from okd.evaluation import GenerationConfig, evaluate_model
+from okd.io import write_json, write_text
 
 DEFAULT_METHODS = ["sft", "kd", "rkl", "okd", "gkd", "distillm"]
 
@@ -99,14 +100,22 @@ def _teacher_key(settings: DemoSettings, data: DataConfig, tokenizer_dir: Path) 
 
 
 def _train_teacher(settings: DemoSettings, data: DataConfig, tokenizer_dir: Path, out: Path, log) -> Path:
-    """Train (or reuse) the teacher: a larger model trained with plain cross-entropy."""
+    """Train (or reuse) the teacher: a larger model trained with plain cross-entropy.
+
+    The training run (metrics, summary, key of the cache) goes to ``<out>_run``; ``out`` itself is
+    the teacher model alone (weights, config, tokenizer), as a teacher directory should be.
+    """
+    import shutil
+
+    from okd.io import atomic_directory
     from okd.training import distill
 
+    run = out.with_name(out.name + "_run")
     key = _teacher_key(settings, data, tokenizer_dir)
-    marker = out / "okd_teacher_key.txt"
-    if (out / "student" / "config.json").exists() and marker.exists() and marker.read_text().strip() == key:
-        log(f"teacher: reusing {out / 'student'} (same settings)")
-        return out / "student"
+    marker = run / "okd_teacher_key.txt"
+    if (out / "config.json").exists() and marker.exists() and marker.read_text().strip() == key:
+        log(f"teacher: reusing {out} (same settings)")
+        return out
     log(f"teacher: training a {settings.teacher_size} {settings.architecture} for {settings.teacher_steps} steps")
     distill(
         model=ModelConfig(
@@ -117,11 +126,14 @@ def _train_teacher(settings: DemoSettings, data: DataConfig, tokenizer_dir: Path
         method=MethodConfig(name="sft"),
         data=data,
         train=_train_config(settings, settings.teacher_steps, settings.teacher_learning_rate),
-        output_dir=str(out),
+        output_dir=str(run),
         overwrite=True,
     )
-    marker.write_text(key + "\n")
-    return out / "student"
+    with atomic_directory(out) as tmp:
+        for file in (run / "student").iterdir():
+            shutil.copy2(file, tmp / file.name)
+    write_text(marker, key + "\n")
+    return out
 
 
 def _train_config(settings: DemoSettings, steps: int, lr: float) -> TrainConfig:
@@ -186,7 +198,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", methods: list[s
         }
         log(f"{name}: ROUGE-L {scored.rouge_l_mean:.2f} +- {scored.rouge_l_std:.2f}")
 
-    teacher_summary = json.loads((out / "teacher" / "train_summary.json").read_text())
+    teacher_summary = json.loads((out / "teacher_run" / "train_summary.json").read_text())
     score("teacher", teacher_dir, teacher_summary["train_seconds"], teacher_summary["steps"])
 
     for name in methods:
@@ -211,7 +223,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", methods: list[s
         score(name, run.output_dir / "student", run.train_seconds, run.steps)
 
     results["total_seconds"] = time.perf_counter() - started
-    write_json_atomic(out / "results.json", results)
+    write_json(out / "results.json", results)
     _plot(results, out, methods)
     _write_report(results, out, methods)
     log(f"report: {out / 'report.md'}")
@@ -289,5 +301,4 @@ def _write_report(results: dict, out: Path, methods: list[str]) -> None:
     for name in ["teacher", *methods]:
         sample = results["methods"][name]["samples"][0]
         lines.append(f"- **{name}**: {sample['prediction']!r} (reference: {sample['reference']!r})")
-    (out / "report.md.tmp").write_text("\n".join(lines) + "\n")
-    (out / "report.md.tmp").replace(out / "report.md")
+    write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -9,17 +9,16 @@ deterministic, so it is scored once.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import re
 import statistics
 import string
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
+from okd.generation import generate_batched
+from okd.io import write_json
+
+# Kept for scripts written against earlier versions.
+write_json_atomic = write_json
 
 
 @dataclass
@@ -39,40 +38,22 @@ class GenerationConfig:
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], config: GenerationConfig, seed: int = 0, progress: bool = False) -> list[str]:
-    """Generate one response per prompt. Returns the decoded generated text (prompt excluded).
-
-    Prompts are left-padded so that every row's last prompt token sits in the last column, which is
-    what batched generation with a KV cache needs.
-    """
-    from okd.data import collate_prompts
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outputs: list[str] = []
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        for start in tqdm(range(0, len(prompt_ids), config.batch_size), desc="generate", disable=not progress, leave=False):
-            chunk = prompt_ids[start : start + config.batch_size]
-            batch = collate_prompts(chunk, pad_token_id=tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, use_cache=True)
-            if config.do_sample:
-                kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=0)
-            with torch.no_grad():
-                generated = model.generate(
-                    **batch,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    **kwargs,
-                )
-            new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        torch.random.set_rng_state(generator_state)
-        model.train(was_training)
-    return [text.strip() for text in outputs]
+    """Generate one response per prompt (``okd.generation.generate_batched``, seeded and isolated
+    from the caller's RNG). Returns the decoded generated text (prompt excluded), stripped."""
+    responses = generate_batched(
+        model,
+        prompt_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        do_sample=config.do_sample,
+        batch_size=config.batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    return [text.strip() for text in tokenizer.batch_decode(responses, skip_special_tokens=True)]
 
 
 _ROUGE = None
@@ -154,24 +135,6 @@ def evaluate_model(model, tokenizer, dataset, seeds=(10, 20, 30), config: Genera
     )
 
 
-def write_json_atomic(path: str | Path, payload) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False if _all_finite(payload) else True) + "\n")
-    os.replace(tmp, path)
-
-
-def _all_finite(payload) -> bool:
-    if isinstance(payload, float):
-        return math.isfinite(payload)
-    if isinstance(payload, dict):
-        return all(_all_finite(v) for v in payload.values())
-    if isinstance(payload, (list, tuple)):
-        return all(_all_finite(v) for v in payload)
-    return True
-
-
 def evaluate(
     model: str,
     data: str,
@@ -182,7 +145,20 @@ def evaluate(
     generation: GenerationConfig = GenerationConfig(),
     progress: bool = True,
 ) -> dict:
-    """Evaluate a saved model on a JSONL test file: ROUGE-L and exact match, mean and spread over seeds."""
+    """Evaluate a saved model on a JSONL file: ROUGE-L and exact match, mean and spread over seeds.
+
+    This signature is also the schema of ``okd eval`` (``--json`` is accepted for ``--json-out``).
+
+    Args:
+        model: Directory (or hub id) of the model to evaluate.
+        data: JSONL test file.
+        seeds: Comma-separated sampling seeds (greedy decoding uses only the first).
+        json_out: Write the result to this JSON file (atomically).
+        max_examples: Evaluate only the first N examples.
+        max_length: Maximum prompt tokens (prompts are cut from the left).
+        generation: How responses are generated.
+        progress: Show a progress bar.
+    """
     from okd.data import InstructionDataset, ensure_pad_token, read_jsonl
     from okd.models import load_model, load_tokenizer
 
@@ -199,5 +175,5 @@ def evaluate(
     result = evaluate_model(lm, tokenizer, dataset, seeds=seed_list, config=generation, progress=progress)
     payload = {"model": str(model), "data": str(data), **result.to_dict()}
     if json_out:
-        write_json_atomic(json_out, payload)
+        write_json(json_out, payload)
     return payload

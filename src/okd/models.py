@@ -10,13 +10,10 @@ directory that is either complete or absent.
 
 from __future__ import annotations
 
-import difflib
 import importlib.metadata
 import importlib.util
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +119,10 @@ def _resolve_size(size: str | ModelSize) -> ModelSize:
     if size in MODEL_SIZES:
         return MODEL_SIZES[size]
     valid = ", ".join(MODEL_SIZES)
-    close = difflib.get_close_matches(str(size), list(MODEL_SIZES), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    from okd.config import closest
+
+    close = closest(size, MODEL_SIZES)
+    hint = f"; did you mean {close!r}?" if close else ""
     raise ValueError(f"unknown model size {size!r}{hint} valid sizes: {valid}")
 
 
@@ -340,7 +339,7 @@ def _is_offline() -> bool:
     return constants.HF_HUB_OFFLINE or any(f.upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
     if name.startswith(("/", ".", "~")) or "\\" in name or name.endswith("/"):
         return False
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -372,7 +371,7 @@ def _resolve_source(
         if gguf_file is None and path.is_dir() and not any((path / f).is_file() for f in needed):
             raise FileNotFoundError(f"{what}: {path} has none of {', '.join(needed)}")
         return str(path), gguf_file
-    if not _looks_like_hub_id(name):
+    if not looks_like_hub_id(name):
         raise FileNotFoundError(f"{what}: no such file or directory: {name}")
     if _is_offline():
         from huggingface_hub import try_to_load_from_cache
@@ -445,18 +444,25 @@ def load_tokenizer(
         kwargs["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     _check_tokenizer_not_empty(tokenizer, str(name_or_path))
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-            logger.info(
-                "tokenizer %s has no pad token; using its eos token %r (id %d) as pad",
-                name_or_path,
-                tokenizer.eos_token,
-                tokenizer.eos_token_id,
-            )
-        else:
-            logger.warning("tokenizer %s has neither a pad nor an eos token", name_or_path)
-    return tokenizer
+    from okd.data.instruction import ensure_pad_token
+
+    return ensure_pad_token(tokenizer, source=str(name_or_path), strict=False, log=logger)
+
+
+def saved_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase | None:
+    """The tokenizer stored with a model (pad token set), or None if there is none to be found."""
+    try:
+        return load_tokenizer(source)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def check_same_tokenizer(expected: PreTrainedTokenizerBase, actual: PreTrainedTokenizerBase, what: str) -> None:
+    """Raise ``ValueError("<what>: <differences>")`` unless the two tokenizers map tokens alike:
+    distillation compares distributions token id by token id."""
+    problems = tokenizer_differences(expected, actual)
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------------------
@@ -547,28 +553,6 @@ def check_compatible(
 # --------------------------------------------------------------------------------------
 
 
-def _fsync_tree(root: Path) -> None:
-    # Flush file contents before the rename publishes them, so that after a power loss the
-    # directory cannot be complete-looking but hold truncated files.
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_pretrained_atomic(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None,
@@ -582,35 +566,13 @@ def save_pretrained_atomic(
     hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` leftover, never a half-written ``out_dir``.
     Returns ``out_dir`` as a Path.
     """
-    out = Path(out_dir).expanduser().absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    old = out.parent / f".{out.name}.old-{tag}"
-    try:
+    from okd.io import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    moved_aside = False
-    try:
-        if out.exists():
-            os.replace(out, old)
-            moved_aside = True
-        os.replace(tmp, out)
-    except BaseException:
-        # Put the previous checkpoint back so out_dir keeps pointing at something complete.
-        if moved_aside and not out.exists():
-            os.replace(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(out.parent)
-    if moved_aside:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
+    return Path(out_dir).expanduser().absolute()
 
 
 # --------------------------------------------------------------------------------------
@@ -644,3 +606,7 @@ def smollm2_gguf_path() -> Path | None:
         if found:
             return found[0]
     return None
+
+
+# The name analysis.py imports (kept until it switches to the public one).
+_looks_like_hub_id = looks_like_hub_id

@@ -58,7 +58,9 @@ from pathlib import Path
 if __name__ != "__main__":
     # Normal use, as ``okd.data.builtin``. When the walker subprocess runs this file as a bare
     # script (see ``_walk_in_subprocess``) only the standard library may be imported.
-    from .instruction import DataError, write_jsonl
+    from okd.io import write_jsonl, write_text
+
+    from .instruction import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -471,18 +473,6 @@ def _reusable(out_dir: Path) -> bool:
     return True
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def build_builtin_dataset(out_dir: str | os.PathLike, force: bool = False) -> dict[str, Path]:
     """Build (or reuse) the standard-library docstring dataset in ``out_dir``.
 
@@ -524,7 +514,7 @@ def build_builtin_dataset(out_dir: str | os.PathLike, force: bool = False) -> di
         "walked_items": len(items),
         "sha256": {split: _sha256_file(path) for split, path in paths.items()},
     }
-    _write_text_atomically(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     logger.info(
         "Built-in dataset: %s examples from %d walked items in %.1f s (walk %.1f s)",
         counts, len(items), time.perf_counter() - start, walk_seconds,

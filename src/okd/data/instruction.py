@@ -31,12 +31,11 @@ All of this lives in ``format_record``: it is the one place to change how record
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import os
 import sys
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-# Label value that the cross-entropy loss ignores (PyTorch's and Hugging Face's convention).
-IGNORE_INDEX = -100
+from okd.io import write_jsonl  # noqa: F401  (re-exported: okd.data.write_jsonl)
+from okd.losses import IGNORE_INDEX  # label value without loss (prompt, padding)
+
+logger = logging.getLogger(__name__)
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -205,45 +206,28 @@ def read_jsonl(path: str | os.PathLike, tokenizer=None) -> list[Example]:
     return examples
 
 
-def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
-    """Write records (dicts or dataclass instances such as ``Example``), one JSON object a line.
-
-    Atomic: the text goes to a temporary file in the same folder, which then replaces ``path``,
-    so a reader never sees a half-written file (even if this process is killed).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for record in records:
-                if dataclasses.is_dataclass(record) and not isinstance(record, type):
-                    record = dataclasses.asdict(record)
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 # ----------------------------------------------------------------------------------------------
 # Tokenisation
 # ----------------------------------------------------------------------------------------------
 
 
-def ensure_pad_token(tokenizer):
+def ensure_pad_token(tokenizer, source: str | None = None, strict: bool = True, log: logging.Logger | None = None):
     """Give a tokenizer without a pad token the EOS token as pad token; returns the tokenizer.
 
     Padding positions are masked out (attention mask 0, label -100), so which token fills
-    them does not matter; EOS is the token every causal LM tokenizer has.
+    them does not matter; EOS is the token every causal LM tokenizer has. With neither, raise
+    DataError (``strict``) or log a warning (``okd.models.load_tokenizer``: batching will fail later).
+    ``log``: the logger that reports the fallback (default: this module's).
     """
+    log = log or logger
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise DataError("the tokenizer has neither a pad token nor an EOS token to use as one")
+            if strict:
+                raise DataError("the tokenizer has neither a pad token nor an EOS token to use as one")
+            log.warning("tokenizer %s has neither a pad nor an eos token", source)
+            return tokenizer
         tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer %s has no pad token; using its eos token %r (id %d) as pad", source, tokenizer.eos_token, tokenizer.eos_token_id)
     return tokenizer
 
 
@@ -454,3 +438,54 @@ def collate_prompts(prompt_ids_list: Sequence[Sequence[int]], pad_token_id: int)
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
     }
+
+
+def _fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Truncate one prompt/response pair to ``max_length`` tokens (see ``build_batch``)."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response
+    if response:
+        # Cut the response's end first, but always keep at least one response token.
+        response = response[: max(1, max_length - len(prompt))]
+    room = max_length - len(response)
+    if len(prompt) > room:
+        prompt = prompt[len(prompt) - room :] if room > 0 else []
+    return prompt, response
+
+
+def build_batch(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_token_id: int,
+    max_length: int,
+    indices: Sequence[int] | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Training batch from prompt and response token ids: ``input_ids``, ``attention_mask``, ``labels``.
+
+    Each row is prompt + response, right-padded with ``pad_token_id``; ``labels`` are ``-100`` on the
+    prompt and the padding and the token ids on the response (its EOS included, when it has one);
+    ``attention_mask`` is 1 on real tokens. The tensors are exactly what ``Collator`` makes from the
+    same rows (it builds them), so generated and ground-truth batches look alike to the loop.
+
+    Truncation to ``max_length`` cuts the END of the response, but never the whole response: if the
+    prompt leaves no room, the prompt is cut from the LEFT (its end, next to the response, matters most)
+    so that at least one response token remains. A row with an empty response (generation produced
+    nothing) keeps its prompt and gets no loss token at all; the loss code handles zero-token batches.
+    ``indices`` (dataset indices), if given, are passed through as ``index`` like ``Collator`` does;
+    ``pad_to_multiple_of`` rounds the padded length up, as ``Collator``'s option does.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if len(prompts) == 0:
+        raise ValueError("build_batch needs at least one row")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    features = []
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        prompt, response = _fit(list(prompt), list(response), max_length)
+        feature = {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
+        if indices is not None:
+            feature["index"] = int(indices[row])
+        features.append(feature)
+    return Collator(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)(features)

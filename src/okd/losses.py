@@ -1,0 +1,134 @@
+"""The objective of a distillation step, in one place.
+
+``loss = (1 - kd_ratio) * CE(student, data) + kd_ratio * D(teacher -> student)`` for the student and,
+on OKD's update steps, ``ce_weight * CE(teacher, data) + student_weight * D(student -> teacher)`` for
+the online module. Shapes: logits ``[batch, seq, vocab]``, labels / targets / mask ``[batch, seq]``.
+``IGNORE_INDEX`` (-100) marks label positions without loss (prompt and padding) everywhere in okd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from okd.divergences import get_divergence
+
+if TYPE_CHECKING:
+    from okd.config import OnlineModuleConfig, ResolvedMethod
+
+IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "DistillationLoss", "StepLosses", "cross_entropy", "first_nonfinite", "next_token_targets"]
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align labels with logits: the logits at position t predict the token at t + 1.
+
+    Returns ``(targets, mask)``, both ``[batch, seq]``: ``targets[:, t] = labels[:, t + 1]`` (last
+    position ignored) and ``mask = targets != -100``. Shifting the small label tensor instead of the
+    ``[batch, seq, vocab]`` logits avoids a copy of the logits.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return targets, targets != IGNORE_INDEX
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy. logits ``[batch, seq, vocab]``, targets ``[batch, seq]`` (-100 ignored)."""
+    if not (targets != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+@dataclass
+class StepLosses:
+    """The loss terms of one step (tensors with graphs; ``as_floats`` for logging)."""
+
+    loss: torch.Tensor  # what the student's gradient comes from
+    ce: torch.Tensor
+    kd: torch.Tensor | None = None
+    module_loss: torch.Tensor | None = None  # the online module's loss (OKD update steps only)
+    module_ce: torch.Tensor | None = None
+    module_divergence: torch.Tensor | None = None
+    skipped: bool = False  # set when a non-finite step was skipped
+    tokens: Any = None  # the step's loss-token counts (okd.training.distributed.TokenCount), set by the loop
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The loss terms that were computed this step."""
+        return [value for f in dataclasses.fields(self) if isinstance(value := getattr(self, f.name), torch.Tensor)]
+
+    def as_floats(self) -> dict[str, float]:
+        return {
+            f.name: float(getattr(self, f.name).detach())
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+
+class DistillationLoss:
+    """Computes the student's loss and, on update steps, the online module's loss.
+
+    Args:
+        method: the resolved method (divergence, kd_ratio, temperature).
+        online: the online-module config (weights of its two loss terms), or None.
+        chunk_tokens: chunk size of the divergence computation.
+    """
+
+    def __init__(self, method: ResolvedMethod, online: OnlineModuleConfig | None, chunk_tokens: int = 1024):
+        self.method = method
+        self.online = online
+        self.divergence = get_divergence(method.divergence, **method.divergence_params)
+        self.chunk_tokens = chunk_tokens
+
+    def divergence_between(self, target_logits, learner_logits, mask):
+        return self.divergence(
+            target_logits,
+            learner_logits,
+            mask,
+            temperature=self.method.temperature,
+            chunk_tokens=self.chunk_tokens,
+        )
+
+    def __call__(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        labels: torch.Tensor,
+        update_module: bool = False,
+    ) -> StepLosses:
+        targets, mask = next_token_targets(labels)
+        ratio = self.method.kd_ratio
+        # With kd_ratio = 1 the student's CE is only logged: compute it without a graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (ratio < 1 or teacher_logits is None)):
+            ce = cross_entropy(student_logits, targets)
+        if teacher_logits is None or ratio == 0:
+            losses = StepLosses(loss=ce, ce=ce)
+        else:
+            kd = self.divergence_between(teacher_logits.detach(), student_logits, mask)
+            loss = kd if ratio == 1 else (1 - ratio) * ce + ratio * kd
+            losses = StepLosses(loss=loss, ce=ce, kd=kd)
+        if update_module:
+            # The module moves the teacher toward the (detached) student with the same divergence,
+            # roles swapped, while CE on the data keeps the adapted teacher accurate.
+            module_ce = cross_entropy(teacher_logits, targets)
+            module_div = self.divergence_between(student_logits.detach(), teacher_logits, mask)
+            losses.module_ce = module_ce
+            losses.module_divergence = module_div
+            losses.module_loss = self.online.ce_weight * module_ce + self.online.student_weight * module_div
+        return losses
+
+
+def first_nonfinite(losses: StepLosses) -> str | None:
+    """The loss terms that are NaN or inf (e.g. "kd loss (nan)"), or None. The total ("loss") is
+    named only when no term it is made of is to blame."""
+    bad = {name: value for name, value in losses.as_floats().items() if not math.isfinite(value)}
+    if not bad:
+        return None
+    culprits = [name for name in bad if name != "loss"] or ["loss"]
+    return " and ".join(f"{name} loss ({bad[name]})" for name in culprits)

@@ -1,0 +1,176 @@
+"""Checkpoints: their format, writing and reading them, and the check that a resume is the same run.
+
+A checkpoint is a directory ``output_dir/checkpoints/step-NNNNNNNN/`` holding
+
+* ``state.pt``: ``{"student", "optimizer", "scheduler", "module", "module_optimizer", "source",
+  "rng"}``: the student's weights, the optimizer and schedule states, the online module and its
+  optimizer (None without OKD), one source state per process (generation-based sources differ by
+  rank) and the global RNG states (``{"torch", "cuda"}``);
+* ``checkpoint_complete.json``: ``{"step", "train_seconds", "final_metrics",
+  "nonfinite_steps_skipped", "schedule_horizon", "run_config"}``, written last: a checkpoint counts
+  only if it exists.
+
+The directory is filled under a hidden name and renamed into place (``okd.io.atomic_directory``), so
+a crash mid-write never leaves a checkpoint that looks complete, nor harms the previous one. The
+format is the one of okd 0.1 (checkpoints written before ``schedule_horizon`` existed resume with
+the ``train.max_steps`` of their ``run_config``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from okd.config import TrainConfig
+from okd.io import atomic_directory, write_text
+
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+STATE_FILE = "state.pt"
+
+# Settings a resumed run may change: they do not alter the training trajectory (a changed
+# train.max_steps keeps the schedule's horizon, see ``schedule_horizon``).
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.report_to",
+    "eval.batch_size",
+}
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``output_dir/checkpoints`` (None if there is none).
+
+    A checkpoint counts only if its completion marker exists; incomplete ones are skipped with a
+    warning.
+    """
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    complete = []
+    for path in sorted(root.glob("step-*")):
+        if (path / CHECKPOINT_COMPLETE).exists():
+            complete.append(path)
+        else:
+            warnings.warn(f"ignoring incomplete checkpoint {path}")
+    return complete[-1] if complete else None
+
+
+def read_meta(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / CHECKPOINT_COMPLETE).read_text())
+
+
+def read_state(checkpoint: Path) -> dict:
+    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def write_checkpoint(root: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
+    """Write ``root/step-NNNNNNNN`` atomically (the marker last), then keep only the newest ``keep``."""
+    final = Path(root) / f"step-{step:08d}"
+    with atomic_directory(final) as tmp:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / CHECKPOINT_COMPLETE).write_text(json.dumps(meta) + "\n")
+    kept = sorted(p for p in Path(root).glob("step-*") if (p / CHECKPOINT_COMPLETE).exists())
+    for old in kept[: max(len(kept) - keep, 0)]:
+        shutil.rmtree(old)
+    return final
+
+
+def training_state(student, optimizer, scheduler, teacher, module_optimizer, source_states: list) -> dict:
+    """The ``state.pt`` dict (``teacher``: the Teacher whose online module is saved, or None)."""
+    return {
+        "student": student.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "module": teacher.module_state_dict() if teacher is not None else None,
+        "module_optimizer": module_optimizer.state_dict() if module_optimizer is not None else None,
+        "source": source_states,  # one per process: generation-based sources differ by rank
+        "rng": rng_state(),
+    }
+
+
+def restore_training_state(state: dict, student, optimizer, scheduler, teacher, module_optimizer, source, rank: int) -> None:
+    """Load a ``training_state`` dict back into the run's objects (this process's source state)."""
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if teacher is not None:
+        teacher.load_module_state_dict(state["module"])
+        module_optimizer.load_state_dict(state["module_optimizer"])
+    source.load_state_dict(state["source"][rank])
+    restore_rng(state["rng"])
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def flatten_run_config(run_config: dict) -> dict:
+    """``run_config`` as plain JSON values (tuples become lists), flattened to ``section.field`` keys."""
+    flat = {}
+    for section, values in json.loads(json.dumps(run_config, default=str)).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def check_same_run(saved: dict, current: dict, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint with settings that would change what the run computes.
+
+    ``saved`` and ``current`` are flattened run configs (``flatten_run_config``).
+    """
+    differing = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if differing:
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differing[:3])
+        more = f" (and {len(differing) - 3} more)" if len(differing) > 3 else ""
+        raise ValueError(
+            f"cannot resume from {checkpoint}: the settings differ ({shown}{more}); "
+            "resume with the run's own settings, or start a new run with --overwrite or another --output-dir"
+        )
+
+
+def schedule_horizon(train: TrainConfig, checkpoint_meta: dict | None) -> int:
+    """Steps the learning-rate schedule spans: ``train.max_steps`` for a new run; for a resumed one,
+    the horizon of the run that wrote the checkpoint, so that a changed step budget does not bend
+    the schedule (cosine and linear are functions of it). A budget past that horizon is refused for
+    those schedules: their rate has decayed to its end value there."""
+    if checkpoint_meta is None:
+        return train.max_steps
+    horizon = checkpoint_meta.get("schedule_horizon")
+    if horizon is None:  # checkpoints written before the horizon was stored
+        horizon = checkpoint_meta.get("run_config", {}).get("train.max_steps", train.max_steps)
+    horizon = int(horizon)
+    if train.lr_scheduler != "constant" and train.max_steps > horizon:
+        raise ValueError(
+            f"cannot resume with train.max_steps {train.max_steps}: the checkpoint's {train.lr_scheduler} "
+            f"schedule ends at step {horizon}; resume with train.max_steps <= {horizon}, or start a new run"
+        )
+    return horizon
+
+
+def learning_rate_schedule(optimizer, train: TrainConfig, horizon: int):
+    """The student's schedule over ``horizon`` steps (warm-up, then constant, linear or cosine)."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=train.warmup_steps,
+        num_training_steps=horizon,
+    )
+
+
+def drop_metrics_after(metrics: Path, step: int) -> None:
+    """Metrics logged after the checkpoint belong to the interrupted attempt: drop them (atomically)."""
+    if metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        write_text(metrics, "".join(line + "\n" for line in kept))

@@ -1,0 +1,89 @@
+"""Before the first step: the models, the data, and the output directory of a run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from okd.config import DataConfig, ModelConfig, ResolvedMethod, TrainConfig
+
+# What a run writes into its output directory.
+RUN_OUTPUTS = ("metrics.jsonl", "run_config.yaml", "train_summary.json", "student", "online_module", "checkpoints")
+
+
+def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConfig, max_length: int):
+    """Tokenizer, student and (when the method needs one) the teacher model, checked to agree."""
+    from okd.data import ensure_pad_token
+    from okd.models import build_model, check_compatible, check_same_tokenizer, load_model, load_tokenizer, saved_tokenizer
+
+    tokenizer_source = model_cfg.tokenizer or model_cfg.teacher or model_cfg.student
+    if not tokenizer_source:
+        raise ValueError("set model.teacher (or model.tokenizer / model.student)")
+    tokenizer = load_tokenizer(tokenizer_source)
+    ensure_pad_token(tokenizer)
+
+    teacher_model = None
+    if method.uses_teacher:
+        if not model_cfg.teacher:
+            raise ValueError(f"method {method.name!r} needs a teacher: set model.teacher")
+        teacher_model = load_model(model_cfg.teacher, dtype=model_cfg.dtype, gguf_file=model_cfg.gguf_file)
+
+    if model_cfg.student:
+        student = load_model(model_cfg.student, dtype=model_cfg.dtype)
+    else:
+        student = build_model(
+            model_cfg.student_architecture,
+            model_cfg.student_size,
+            vocab_size=len(tokenizer),
+            max_positions=max_length,
+            seed=train.seed,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    # The tokenizers saved with the teacher and the student (when they have one) must be the one
+    # the data is tokenised with: distillation compares distributions token id by token id.
+    for role, source in (("teacher", model_cfg.teacher if teacher_model is not None else None), ("student", model_cfg.student)):
+        saved = saved_tokenizer(source) if source and source != tokenizer_source else None
+        if saved is not None:
+            check_same_tokenizer(
+                tokenizer, saved, f"the {role}'s tokenizer ({source}) differs from the one used for the data ({tokenizer_source})"
+            )
+    if teacher_model is not None:
+        check_compatible(teacher_model, student, tokenizer, tokenizer)
+    return tokenizer, student, teacher_model
+
+
+def load_datasets(data: DataConfig, tokenizer):
+    """The training set and the validation set (None without ``data.validation_file``)."""
+    from okd.data import InstructionDataset, read_jsonl
+
+    def load_split(path, limit):
+        examples = read_jsonl(path, tokenizer=tokenizer)
+        return InstructionDataset(examples[:limit] if limit is not None else examples, tokenizer, data.max_length)
+
+    train_set = load_split(data.train_file, data.max_train_examples)
+    validation_set = load_split(data.validation_file, data.max_validation_examples) if data.validation_file else None
+    return train_set, validation_set
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to mix two runs in one directory unless asked to overwrite or resume (touches nothing)."""
+    existing = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if existing and not (overwrite or resume):
+        raise FileExistsError(
+            f"{output_dir} already holds a run ({existing[0]}); pass --overwrite to replace it "
+            "or --resume to continue it"
+        )
+
+
+def clear_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Called once the models and data have loaded: only then is a previous run replaced."""
+    if overwrite and not resume:
+        for name in RUN_OUTPUTS:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)

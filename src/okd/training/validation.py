@@ -1,0 +1,32 @@
+"""Held-out metrics during training: the student's CE and its divergence to the current teacher."""
+
+from __future__ import annotations
+
+import torch
+
+from okd.losses import DistillationLoss, cross_entropy, next_token_targets
+
+
+@torch.no_grad()
+def validation_metrics(student, teacher, dataset, collator, loss_fn: DistillationLoss, batch_size, device) -> dict:
+    """Held-out student CE and divergence to the current teacher (token-weighted over the set)."""
+    student.eval()
+    ce_sum = kd_sum = 0.0
+    tokens = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        targets, mask = next_token_targets(batch["labels"])
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce_sum += float(cross_entropy(logits, targets)) * n
+        if teacher is not None:
+            teacher_logits = teacher(batch["input_ids"], batch["attention_mask"])
+            kd_sum += float(loss_fn.divergence_between(teacher_logits, logits, mask)) * n
+        tokens += n
+    metrics = {"validation_ce": ce_sum / max(tokens, 1)}
+    if teacher is not None:
+        metrics["validation_divergence"] = kd_sum / max(tokens, 1)
+    return metrics
