@@ -19,6 +19,7 @@ import sys
 
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
 
+from okd import pretrained
 from okd.evaluation import GenerationConfig
 from okd.training import distill
 
@@ -220,6 +221,8 @@ def _collect_repeated(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = _collect_repeated(_normalise_option_names(sys.argv[1:] if argv is None else list(argv)))
+    if argv[:2] == ["model", "convert"] and len(argv) > 2 and not argv[2].startswith("-"):
+        argv = [*argv[:2], "--src", *argv[2:]]  # `okd model convert SRC --out DIR`
     try:
         auto_cli(
             {
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                 "eval": eval,
                 "analyze": analyze,
                 "demo": demo,
+                "model": {"_help": "Real checkpoints for okd.", "convert": pretrained.convert, "shrink": pretrained.shrink},
             },
             args=argv,
             as_positional=False,
