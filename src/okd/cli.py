@@ -19,6 +19,7 @@ import sys
 
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
 
+from okd import pretrained
 from okd.config import closest
 from okd.evaluation import evaluate
 from okd.training import distill
@@ -215,6 +216,7 @@ COMMANDS: dict = {
     "eval": printing(evaluate, _report_evaluation),
     "analyze": analyze,
     "demo": demo,
+    "model": {"_help": "Real checkpoints for okd.", "convert": pretrained.convert, "shrink": pretrained.shrink},
 }
 
 # Option names kept from earlier versions: {subcommand: {old name: parameter}}.
@@ -233,6 +235,8 @@ def _apply_aliases(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = _apply_aliases(_collect_repeated(_normalise_option_names(sys.argv[1:] if argv is None else list(argv))))
+    if argv[:2] == ["model", "convert"] and len(argv) > 2 and not argv[2].startswith("-"):
+        argv = [*argv[:2], "--src", *argv[2:]]  # `okd model convert SRC --out DIR`
     try:
         auto_cli(COMMANDS, args=argv, as_positional=False, parser_class=_Parser)
     except KeyboardInterrupt as error:
