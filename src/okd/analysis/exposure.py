@@ -65,8 +65,8 @@ def _fkl_by_step(teacher, student, width, prompts, responses, *, pad_token_id, l
         ``(errors, alive)``: float64 ``[N, length]`` and bool ``[N, length]``; ``errors[i, t]`` is the
         divergence of the two next-token distributions that predict response token t of row i.
     """
-    from okd.data.generated import build_batch
-    from okd.training import next_token_targets  # lead: okd.losses after merge
+    from okd.data.instruction import build_batch
+    from okd.losses import next_token_targets
 
     n = len(prompts)
     errors = torch.zeros(n, length, dtype=torch.float64)

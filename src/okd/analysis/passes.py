@@ -50,29 +50,24 @@ def _position_limit(model) -> int | None:
     return None
 
 
-# lead: switch to okd.generation after merge (the shared batched generation with a seeded RNG).
 def _sample(model, tokenizer, prompts, *, max_new_tokens, seed, batch_size, progress, desc) -> list[list[int]]:
-    """Free-running samples at temperature 1 (full distribution), seeded, batched and left-padded."""
-    from okd.data.generated import generate_responses
+    """Free-running samples at temperature 1 (full distribution), seeded, batched and left-padded.
 
-    device = _device(model)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    responses: list[list[int]] = []
-    # A forked RNG: the same seed gives the same samples, and the caller's random stream is untouched.
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-            responses.extend(
-                generate_responses(
-                    model,
-                    prompts[start : start + batch_size],
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    max_new_tokens=max_new_tokens,
-                    temperature=1.0,
-                )
-            )
-    return responses
+    The seed makes them repeatable, and the caller's random streams are left untouched."""
+    from okd.generation import generate_batched
+
+    return generate_batched(
+        model,
+        prompts,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        desc=desc,
+    )
 
 
 def _floats(values: Tensor) -> list[float | None]:
@@ -140,7 +135,7 @@ def teacher_forced_pass(teacher, students: dict, widths: dict[str, int], tokeniz
     added to running sums (:class:`_Running`); logits never outlive their batch.
     """
     from okd.data import Collator
-    from okd.training import next_token_targets  # lead: okd.losses after merge
+    from okd.losses import next_token_targets
 
     models = [teacher, *students.values()]
     modes = [m.training for m in models]

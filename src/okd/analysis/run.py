@@ -137,11 +137,11 @@ def resolve_model_path(path: str, role: str) -> tuple[str, str]:
     exist locally is passed on as is (a hub id; loading fails with a one-line error when it is not
     cached). Raises ``FileNotFoundError`` naming ``role`` for a directory that holds no model.
     """
-    from okd.models import _looks_like_hub_id
+    from okd.models import looks_like_hub_id
 
     p = Path(path).expanduser()
     if not p.exists():
-        if not _looks_like_hub_id(path):
+        if not looks_like_hub_id(path):
             raise FileNotFoundError(f"{role}: no such file or directory: {path}")
         return path, path.split("/")[-1]
     if (p / "student" / "config.json").is_file():
@@ -189,7 +189,7 @@ def run_analysis(
         culprit (missing path, tokenizer or vocabulary mismatch, bad or empty data).
     """
     from okd.data import InstructionDataset, ensure_pad_token, read_jsonl
-    from okd.evaluation import write_json_atomic  # lead: switch to okd.io after merge
+    from okd.io import write_json
     from okd.models import load_tokenizer
 
     if not students:
@@ -223,7 +223,7 @@ def run_analysis(
     if plots_dir:
         result["settings"]["plots"] = [str(p) for p in make_plots(result, plots_dir)]
     if json_out:
-        write_json_atomic(json_out, result)
+        write_json(json_out, result)
     return result
 
 

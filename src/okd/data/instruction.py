@@ -26,6 +26,10 @@ Accepted JSONL record layouts (one JSON object per line; extra fields are ignore
   rendered with the tokenizer's chat template when the tokenizer has one, else as plain
   ``"<role>: <content>\\n"`` lines followed by ``"assistant: "``.
 
+With a tokenizer that has a chat template (an instruct model's), the prompt of the first two
+layouts becomes the user turn of that template, ending with the assistant's header: the model sees
+its own chat format in training, generation and evaluation alike.
+
 All of this lives in ``format_record``: it is the one place to change how records become text.
 """
 
@@ -155,6 +159,12 @@ def format_record(record: dict, tokenizer=None) -> Example:
         raise DataError("empty prompt")
     if not response.strip():
         raise DataError("empty response")
+    if "messages" not in record and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        # An instruct model sees its prompts in its own chat format: a plain prompt becomes the user
+        # turn, so training, generation and evaluation (all of which read data through here) agree.
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return Example(prompt=prompt, response=response)
 
 
