@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -98,7 +100,6 @@ def test_ranks_hold_the_same_module_and_the_check_reports_a_difference(tiny_sett
     compared here, not through the flag `Distiller.save` computes; then one rank perturbs its copy and
     `Distiller.module_consistent_across_processes` must say so. The checkpoint of that 2-process run is
     then refused by a 1-process resume (the process count changes the run)."""
-    import pytest
     import torch
     from safetensors.torch import load_file
 
