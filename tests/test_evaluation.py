@@ -68,4 +68,13 @@ def test_evaluate_writes_json_with_mean_and_spread(tiny_setting, tmp_path):
     assert [s["seed"] for s in saved["per_seed"]] == [1, 2, 3]
     per_seed = [s["rouge_l"] for s in saved["per_seed"]]
     assert saved["rouge_l_mean"] == pytest.approx(sum(per_seed) / 3)
-    assert saved["rouge_l_std"] >= 0 and saved["num_examples"] == 8
+    assert saved["num_examples"] == 8
+    # The spread is the sample standard deviation over seeds (n - 1), written out here independently.
+    assert len(set(per_seed)) > 1, "the seeds gave equal scores: the spread check below would be vacuous"
+    mean = sum(per_seed) / 3
+    assert saved["rouge_l_std"] == pytest.approx((sum((x - mean) ** 2 for x in per_seed) / 2) ** 0.5)
+    exact = [s["exact_match"] for s in saved["per_seed"]]
+    exact_mean = sum(exact) / 3
+    assert saved["exact_match_mean"] == pytest.approx(exact_mean)
+    assert saved["exact_match_std"] == pytest.approx((sum((x - exact_mean) ** 2 for x in exact) / 2) ** 0.5)
+    assert result["rouge_l_std"] == pytest.approx(saved["rouge_l_std"])

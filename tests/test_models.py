@@ -1,7 +1,6 @@
 """Tests for okd.models: size presets, tokenizer training, loading/saving, compatibility."""
 
 import random
-import time
 
 import pytest
 import torch
@@ -137,10 +136,8 @@ def test_custom_size_and_validation():
 # ---------------------------------------------------------------- tokenizer
 
 
-def test_tokenizer_trains_fast_and_special_tokens():
-    start = time.perf_counter()
+def test_tokenizer_trains_and_has_its_special_tokens():
     tok = train_tokenizer(_sentences(400), vocab_size=VOCAB)
-    assert time.perf_counter() - start < 5
     assert 258 < len(tok) <= VOCAB
     assert tok.eos_token == tok.bos_token == tok.unk_token == BOS_EOS_TOKEN
     assert tok.pad_token == PAD_TOKEN
@@ -285,12 +282,33 @@ def test_save_atomic_rename_failure_restores_old(tokenizer, tmp_path, monkeypatc
         assert torch.equal(reloaded.state_dict()[k], v), k
 
 
-def test_load_model_missing_path_is_quick(tmp_path):
+@pytest.fixture
+def network_attempts(monkeypatch):
+    """Every attempt to open a network connection, recorded and refused (instead of timing the call:
+    a hub lookup without network is slow, but a slow machine is slow too)."""
+    import socket
+
+    attempts = []
+
+    def refuse(kind):
+        def refused(*args, **kwargs):
+            attempts.append((kind, args[:2]))
+            raise OSError(f"network access in a test: {kind}")
+
+        return refused
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
+    return attempts
+
+
+def test_load_model_missing_path_fails_without_the_network(tmp_path, network_attempts):
     missing = tmp_path / "no" / "such" / "model"
-    start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=str(missing)) as info:
         load_model(missing)
-    assert time.perf_counter() - start < 5
+    assert network_attempts == []
     assert "\n" not in str(info.value)
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         load_tokenizer("./no_such_dir")
@@ -298,13 +316,12 @@ def test_load_model_missing_path_is_quick(tmp_path):
         load_model(tmp_path)  # exists, but is not a checkpoint
 
 
-def test_load_model_uncached_hub_id_offline(monkeypatch, tmp_path):
+def test_load_model_uncached_hub_id_offline(monkeypatch, tmp_path, network_attempts):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # so the id is not a local directory either
-    start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match="not found locally.*offline") as info:
         load_model("okd-test-org/definitely-not-cached")
-    assert time.perf_counter() - start < 5
+    assert network_attempts == []  # raised without touching the network
     assert "\n" not in str(info.value)
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -118,3 +120,46 @@ def test_two_processes_follow_the_learning_rate_schedule_of_one_process(tiny_set
     one, two = rates(single.output_dir), rates(out)
     assert len(one) == 6 and len(set(one)) > 3  # warm-up then decay: the rate moves every step
     assert two == one
+
+
+def test_ranks_hold_the_same_module_and_the_check_reports_a_difference(tiny_setting, tmp_path):
+    """Each rank writes its own copy of the online module (tests/multiprocess_worker.py): the copies are
+    compared here, not through the flag `Distiller.save` computes; then one rank perturbs its copy and
+    `Distiller.module_consistent_across_processes` must say so. The checkpoint of that 2-process run is
+    then refused by a 1-process resume (the process count changes the run)."""
+    import torch
+    from safetensors.torch import load_file
+
+    setting_json = tmp_path / "setting.json"
+    setting_json.write_text(json.dumps(tiny_setting))
+    worker = Path(__file__).with_name("multiprocess_worker.py")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+        str(worker), str(setting_json), str(tmp_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["num_processes"] == 2 for r in reports)
+    modules = [load_file(str(tmp_path / f"rank{r}_module.safetensors")) for r in (0, 1)]
+    initial = load_file(str(tmp_path / "rank0_module_initial.safetensors"))
+    assert modules[0].keys() == modules[1].keys() == initial.keys()
+    for name in modules[0]:
+        assert torch.equal(modules[0][name], modules[1][name]), f"ranks differ in {name}"
+    assert any(not torch.equal(modules[0][k], initial[k]) for k in initial), "the module never moved"
+    saved = load_file(str(tmp_path / "run" / "online_module" / "adapter.safetensors"))
+    assert all(torch.equal(saved[k], modules[0][k]) for k in saved)  # what rank 0 wrote is what both held
+
+    assert [r["consistent_after_training"] for r in reports] == [True, True]
+    assert [r["consistent_after_perturbing"] for r in reports] == [False, False]
+
+    from multiprocess_worker import worker_configs
+
+    from okd.training import Distiller
+
+    with pytest.raises(ValueError, match=r"cannot resume .*num_processes: checkpoint 2, now 1"):
+        Distiller(**worker_configs(tiny_setting), output_dir=str(tmp_path / "run"), resume=True)
