@@ -255,7 +255,7 @@ def _topk_rows(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     values, ids = torch.topk(log_probs, top_k, dim=-1)
     if top_k == log_probs.shape[-1]:
-        tail = torch.full(values.shape[:1], -math.inf)
+        tail = torch.full(values.shape[:1], -math.inf, device=values.device)
     else:
         tail = torch.logsumexp(log_probs.scatter(-1, ids, -math.inf), dim=-1)
     return values, ids, tail
