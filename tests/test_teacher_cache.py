@@ -308,6 +308,9 @@ def test_matching_expectations_are_accepted(setting, topk_cache):
         teacher_fingerprint=fingerprint_teacher(setting["teacher"]),
         tokenizer_fingerprint=fingerprint_tokenizer(setting["tokenizer"]), store="topk", top_k=8, vocab_size=setting["vocab"],
     ))
+    TeacherCache(topk_cache, expect=tc.CacheExpectation.for_run(
+        setting["teacher"], setting["tokenizer"], store="topk", top_k=8, vocab_size=setting["vocab"]
+    ))
 
 
 def test_another_format_version_is_refused(topk_cache, tmp_path):
@@ -472,3 +475,37 @@ def test_the_key_covers_the_labels(setting, tmp_path):
     n = len(tc.loss_positions(item["labels"]))
     assert cache.entry(item["input_ids"], item["labels"])["logprobs"].shape == (n, 4)
     assert cache.entry(other["input_ids"], other["labels"])["logprobs"].shape == (len(item["input_ids"]) - 3, 4)
+
+
+def test_the_entry_point_parses_as_a_cli(setting, tmp_path):
+    """jsonargparse reads cache_teacher's signature and docstring (how `okd teacher cache` is registered)."""
+    from jsonargparse import auto_cli
+
+    teacher_dir = tmp_path / "teacher"
+    setting["teacher"].save_pretrained(teacher_dir)
+    setting["tokenizer"].save_pretrained(teacher_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in _examples(4, 1)))
+    out = tmp_path / "cache"
+    auto_cli(
+        {"teacher": {"_help": "Teacher tools.", "cache": tc.cache_teacher}},
+        args=["teacher", "cache", "--teacher", str(teacher_dir), "--data", str(data), "--out", str(out),
+              "--top_k", "5", "--store", "topk", "--dtype", "float16", "--max_length", "40", "--device", "cpu",
+              "--progress", "false"],
+        as_positional=False,
+    )
+    cache = TeacherCache(out, expect={"top_k": 5})
+    assert cache.manifest["dtype"] == "float16" and len(cache) == 4
+
+
+def test_a_float16_cache_is_close_to_the_float32_one(setting, topk_cache, tmp_path):
+    half = TeacherCache(build_teacher_cache(setting["teacher"], setting["dataset"], tmp_path / "h", top_k=8, dtype="float16"))
+    full = TeacherCache(topk_cache)
+    batch = next(iter(_loader(setting, batch_size=8)))
+    a = full.lookup(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    b = half.lookup(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert b.logprobs.dtype == torch.float32  # upcast on reading
+    torch.testing.assert_close(b.logprobs, a.logprobs, rtol=2e-3, atol=2e-3)
+    with torch.no_grad():
+        student = setting["student"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(cached_divergence(student, b), cached_divergence(student, a), rtol=1e-3, atol=1e-4)

@@ -504,6 +504,17 @@ class CacheExpectation:
     data_fingerprint: str | None = None
     """The manifest's data fingerprint (usually left None: :meth:`TeacherCache.check_covers` checks the data)."""
 
+    @classmethod
+    def for_run(
+        cls, teacher: str | os.PathLike | nn.Module, tokenizer, *, store: str, top_k: int | None = None,
+        vocab_size: int | None = None,
+    ) -> "CacheExpectation":
+        """What a training run expects: its teacher (path or model, fingerprinted), tokenizer, store, k, width."""
+        return cls(
+            teacher_fingerprint=fingerprint_teacher(teacher), tokenizer_fingerprint=fingerprint_tokenizer(tokenizer),
+            store=store, top_k=top_k, vocab_size=vocab_size,
+        )
+
 
 @dataclass
 class SparseTargets:
