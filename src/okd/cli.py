@@ -22,6 +22,7 @@ from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
 from okd import pretrained
 from okd.config import closest
 from okd.evaluation import evaluate
+from okd.teacher_cache import cache_teacher
 from okd.training import distill
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -217,6 +218,7 @@ COMMANDS: dict = {
     "analyze": analyze,
     "demo": demo,
     "model": {"_help": "Real checkpoints for okd.", "convert": pretrained.convert, "shrink": pretrained.shrink},
+    "teacher": {"_help": "Teacher tools.", "cache": cache_teacher},
 }
 
 # Option names kept from earlier versions: {subcommand: {old name: parameter}}.
