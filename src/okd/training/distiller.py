@@ -156,12 +156,7 @@ class Distiller:
         skips the update and counts it. The returned losses carry the step's token counts.
         """
         accelerator, processes = self.accelerator, self.processes
-        with accelerator.autocast():
-            student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            teacher_logits = None
-            if self.teacher is not None:
-                teacher_logits = self.teacher(batch["input_ids"], batch["attention_mask"], track_module_grad=update_module)
-            losses = self.loss_fn(student_logits, teacher_logits, batch["labels"], update_module=update_module)
+        losses = self.forward_losses(batch, update_module)
         losses.tokens = processes.count_tokens(batch["labels"])
         # One backward: the student's loss sees the teacher detached and the module's loss sees the
         # student detached, so each gradient lands only where it belongs.
@@ -186,6 +181,16 @@ class Distiller:
             self.module_optimizer.step()
             self.module_optimizer.zero_grad(set_to_none=True)
         return losses
+
+    def forward_losses(self, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
+        """One forward of the student and the teacher on ``batch``, and the step's loss terms (with
+        graphs: the student's loss, and on update steps the online module's)."""
+        with self.accelerator.autocast():
+            student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            teacher_logits = None
+            if self.teacher is not None:
+                teacher_logits = self.teacher(batch["input_ids"], batch["attention_mask"], track_module_grad=update_module)
+            return self.loss_fn(student_logits, teacher_logits, batch["labels"], update_module=update_module)
 
     def _nonfinite(self, losses: StepLosses, term: str) -> StepLosses:
         """Skip (when allowed) or stop on a non-finite loss term or gradient."""
