@@ -179,7 +179,13 @@ def read_jsonl(path: str | os.PathLike, tokenizer=None) -> list[Example]:
     Blank lines are skipped. Every problem raises ``DataError`` with a one-line message
     naming the file and line, e.g. ``data.jsonl, line 3: missing field 'response'``.
     ``tokenizer`` is only used to render chat records with its chat template.
+    Other sources (.json, .parquet, .arrow, a save_to_disk folder, ``hub:NAME``) go to
+    ``okd.data.loading.read_examples``.
     """
+    from okd.data.loading import is_loader_source, read_examples  # (loading imports this module)
+
+    if is_loader_source(path):
+        return read_examples(path, tokenizer)
     path = Path(path)
     try:
         raw = path.read_bytes()
