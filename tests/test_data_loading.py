@@ -313,3 +313,29 @@ def test_bad_row_is_named(tmp_path):
     assert one_line_error("row 1", read_examples, tmp_path / "d.parquet") == f"{tmp_path / 'd.parquet'}, row 1: empty response"
     write_parquet(tmp_path / "n.parquet", [{"prompt": "a", "response": 3}])
     one_line_error(r"n.parquet, row 0: field 'response' must be a string, got int", read_examples, tmp_path / "n.parquet")
+
+
+def test_distill_trains_on_a_parquet_file_with_mapped_columns(tiny_setting, tmp_path):
+    """End to end: `data.train_file` a Parquet file whose columns are named otherwise, mapped by
+    `data.fields`, gives the same run (losses) as the JSONL file it was made from."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from engine_helpers import configs
+
+    from okd.training import distill
+
+    rows = [json.loads(line) for line in open(tiny_setting["train"])]
+    table = pa.table({"question": [r["prompt"] for r in rows], "answer": [r["response"] for r in rows]})
+    parquet = tmp_path / "train.parquet"
+    pq.write_table(table, parquet)
+
+    runs = {}
+    for name, train_file, fields in (("jsonl", tiny_setting["train"], None), ("parquet", str(parquet), {"prompt": "question", "response": "answer"})):
+        kwargs = configs(tiny_setting, "kd", steps=3)
+        kwargs["data"].train_file, kwargs["data"].fields, kwargs["data"].validation_file = train_file, fields, None
+        result = distill(**kwargs, output_dir=str(tmp_path / name))
+        runs[name] = [json.loads(line)["loss"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(runs["jsonl"]) == 3
+    assert runs["parquet"] == runs["jsonl"]

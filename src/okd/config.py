@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from okd.divergences import DIVERGENCES
 from okd.sources import SOURCES, source_names
@@ -208,12 +208,21 @@ class OnlineModuleConfig:
 
 @dataclass
 class DataConfig:
-    """Training and validation data (JSONL: prompt/response, instruction/input/output or messages)."""
+    """Training and validation data: records with prompt/response, instruction/input/output or messages
+    fields, from JSONL, JSON, Parquet or Arrow files, a ``save_to_disk`` folder or the hub (see
+    ``okd.data.loading``)."""
 
     train_file: str = "runs/data/builtin/train.jsonl"
-    """Training JSONL file. The default is the built-in data set (`okd data build`)."""
+    """Training data: a .jsonl, .json, .parquet or .arrow file, a save_to_disk folder (FOLDER@SPLIT for a
+    DatasetDict), or hub:NAME[:CONFIG][@SPLIT] (read from the local cache when offline). The default
+    is the built-in data set (`okd data build`)."""
     validation_file: Optional[str] = "runs/data/builtin/validation.jsonl"
-    """Validation JSONL file for held-out loss and divergence; empty to skip."""
+    """Validation data for held-out loss and divergence (same kinds as train_file); empty to skip."""
+    fields: Optional[Union[str, dict[str, str]]] = None
+    """How the data set's columns map to okd's fields (prompt, response, instruction, input, output,
+    messages), e.g. {"prompt": "question", "response": "answer"}; or a preset: "dolly"
+    (instruction/context/response) or "prompt_output" (DistiLLM's prompt/output). Empty: the columns
+    already carry okd's names."""
     max_length: int = 256
     """Maximum tokens per example (prompt + response). Prompts are cut from the left first."""
     max_train_examples: Optional[int] = None

@@ -56,10 +56,11 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
 
 def load_datasets(data: DataConfig, tokenizer):
     """The training set and the validation set (None without ``data.validation_file``)."""
-    from okd.data import InstructionDataset, read_jsonl
+    from okd.data import InstructionDataset
+    from okd.data.loading import read_examples
 
     def load_split(path, limit):
-        examples = read_jsonl(path, tokenizer=tokenizer)
+        examples = read_examples(path, tokenizer, fields=data.fields)
         return InstructionDataset(examples[:limit] if limit is not None else examples, tokenizer, data.max_length)
 
     train_set = load_split(data.train_file, data.max_train_examples)
