@@ -219,7 +219,7 @@ def test_single_step_equals_token_level_reverse_kl():
     # weights multiply each token's term
     w = torch.rand(2, 5, generator=g)
     weighted = single_step_reverse_kl(t, s, mask, weights=w, reduction="sum")
-    assert float(weighted) == pytest.approx(float((per_token * w.double())[mask].sum()), rel=1e-5)
+    assert float(weighted.detach()) == pytest.approx(float((per_token * w.double())[mask].sum()), rel=1e-5)
 
 
 def test_advantages_by_hand():
@@ -309,7 +309,7 @@ def test_clipped_surrogate_by_hand():
     torch.testing.assert_close(loss.detach(), torch.tensor([[-2.2, 0.55, -1.1, 0.0]]))
     # mean = over counted tokens only
     mean, _ = clipped_surrogate(logprobs, old, adv, mask)
-    assert float(mean) == pytest.approx((-1.2 + 0.8 - 1.0) / 3)
+    assert float(mean.detach()) == pytest.approx((-1.2 + 0.8 - 1.0) / 3)
 
 
 def test_rewards_scaled_clipped_and_detached():
@@ -516,3 +516,41 @@ def test_functions_reject_bad_values_naming_the_argument():
         sample_teacher_mixed(TabularLM(q), TabularLM(p), torch.ones(1, 2, dtype=torch.long), torch.tensor([[1, 0]]),
                              max_new_tokens=1, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator(),
                              student_cache=False, teacher_cache=False)
+
+
+def test_training_layout_gives_the_same_loss():
+    """From the sampler to the loss through okd's right-padded training layout: stored log-probs equal the
+    recomputed ones (first PPO ratio 1), labels are build_batch's, and the loss equals the response-layout loss."""
+    from okd.data.generated import build_batch
+    from okd.training import next_token_targets
+
+    student, teacher = _tiny("llama", 0), _tiny("llama", 1)
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13]]
+    width = max(map(len, prompts))
+    prompt_ids = torch.tensor([[0] * (width - len(x)) + x for x in prompts])
+    prompt_mask = (torch.arange(width)[None] >= torch.tensor([width - len(x) for x in prompts])[:, None]).long()
+    s = sample_teacher_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens=10, eos_token_id=3,
+                             pad_token_id=0, generator=torch.Generator().manual_seed(4))
+    batch = s.training_batch(pad_token_id=0)
+    responses = [s.response_ids[b, : int(s.lengths[b])].tolist() for b in range(3)]
+    ref = build_batch(prompts, responses, pad_token_id=0, max_length=64)
+    for key in ("input_ids", "attention_mask", "labels"):
+        torch.testing.assert_close(batch[key], ref[key])
+    targets, target_mask = next_token_targets(batch["labels"])
+    assert torch.equal(target_mask, batch["response_mask"])
+    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach().requires_grad_(True)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    now = token_log_probs(s_logits.detach(), targets.clamp(min=0), target_mask)
+    torch.testing.assert_close(now, batch["old_logprobs"], rtol=1e-4, atol=1e-5)
+    loss_fn = MiniLLMLoss()
+    flat = loss_fn(s_logits, t_logits, targets.clamp(min=0), target_mask, batch["old_logprobs"],
+                   batch["teacher_logprobs"], batch["log_weights"])
+    # the same tensors gathered into the response layout
+    idx = torch.stack([torch.arange(int(s.lengths.max())) + len(p) - 1 for p in prompts]).clamp(max=s_logits.shape[1] - 1)
+    take = lambda x: x.gather(1, idx) if x.dim() == 2 else x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    resp = loss_fn(take(s_logits), take(t_logits), s.response_ids, s.mask, s.student_logprobs,
+                   s.teacher_logprobs, s.log_weights)
+    torch.testing.assert_close(flat.loss, resp.loss, rtol=1e-4, atol=1e-5)
+    flat.loss.backward()
+    assert torch.isfinite(s_logits.grad).all() and s_logits.grad.abs().sum() > 0

@@ -47,7 +47,7 @@ Conventions
 Public API: :class:`MiniLLMConfig`, :func:`token_log_probs`, :func:`single_step_reverse_kl`,
 :func:`per_token_rewards`, :func:`long_term_advantages`, :func:`clipped_surrogate`, :func:`lm_loss`,
 :class:`MiniLLMLoss` (with :class:`MiniLLMLossOutput`), :func:`sample_teacher_mixed` (with
-:class:`MixedSamples`) and :class:`TeacherMixedSampler` (the sampler with its own checkpointable
+:class:`MixedSamples`, whose ``training_batch()`` puts the samples in okd's training layout) and :class:`TeacherMixedSampler` (the sampler with its own checkpointable
 ``torch.Generator``).
 """
 
@@ -474,6 +474,9 @@ class MiniLLMLoss(nn.Module):
         log_weights: ``[B, N]`` log importance weights ``log q_old - log mix`` (None = on-policy).
         lm_logits, lm_targets, lm_teacher_logits: a ground-truth batch for the LM loss (shifted;
             ``-100`` = no loss), or None to leave it out.
+
+    The ``[B, N]`` arguments may also be in the shifted training layout (``[B, L]``, see
+    :meth:`MixedSamples.training_batch`): the result is the same.
     """
 
     def __init__(self, config: Optional[MiniLLMConfig] = None):
@@ -570,6 +573,40 @@ class MixedSamples:
     def lengths(self) -> Tensor:
         """``[B]`` response lengths."""
         return self.mask.sum(-1)
+
+    def training_batch(self, pad_token_id: int) -> dict[str, Tensor]:
+        """The samples in okd's training layout, with the stored per-token values aligned to it.
+
+        Returns ``input_ids``, ``attention_mask``, ``labels`` ``[B, L]`` (each row: its prompt's real
+        tokens, then its response, right-padded; ``labels`` -100 on the prompt and the padding: the layout
+        of ``okd.data.generated.build_batch``, without truncation) and ``old_logprobs``,
+        ``teacher_logprobs``, ``log_weights``, ``response_mask`` ``[B, L]`` aligned with the SHIFTED targets
+        (``okd.training.next_token_targets(labels)``: position i holds the value of the token at i + 1, so
+        they line up with the logits that predict it); 0 / False elsewhere. With the student's logits
+        ``[B, L, V]`` on ``input_ids`` and ``targets = next_token_targets(labels)[0]``,
+        ``MiniLLMLoss(student_logits, teacher_logits, targets.clamp(min=0), response_mask, ...)`` is the
+        loss on the response layout (discounting counts response positions only).
+        """
+        prompt_lengths = self.prompt_mask.sum(-1).tolist()
+        lengths = self.lengths.tolist()
+        B = len(lengths)
+        L = max(p + n for p, n in zip(prompt_lengths, lengths))
+        device = self.response_ids.device
+        ids = torch.full((B, L), pad_token_id, dtype=torch.long, device=device)
+        labels = torch.full((B, L), -100, dtype=torch.long, device=device)
+        attention = torch.zeros((B, L), dtype=torch.long, device=device)
+        aligned = {k: torch.zeros((B, L), device=device) for k in ("old_logprobs", "teacher_logprobs", "log_weights")}
+        response_mask = torch.zeros((B, L), dtype=torch.bool, device=device)
+        sources = {"old_logprobs": self.student_logprobs, "teacher_logprobs": self.teacher_logprobs, "log_weights": self.log_weights}
+        for b, (p, n) in enumerate(zip(prompt_lengths, lengths)):
+            ids[b, :p] = self.prompt_ids[b, self.prompt_ids.shape[1] - p :]
+            ids[b, p : p + n] = self.response_ids[b, :n]
+            labels[b, p : p + n] = self.response_ids[b, :n]
+            attention[b, : p + n] = 1
+            response_mask[b, p - 1 : p - 1 + n] = True
+            for key, values in sources.items():
+                aligned[key][b, p - 1 : p - 1 + n] = values[b, :n]
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels, "response_mask": response_mask, **aligned}
 
 
 class _Stepper:
