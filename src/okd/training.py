@@ -50,6 +50,7 @@ from okd.config import (
     resolve_sampling,
 )
 from okd.divergences import get_divergence
+from okd.online.objective import AdaptedTeacherMetrics, ModuleSchedule, OnlineObjective, module_updates_at
 from okd.teacher import Teacher
 
 IGNORE_INDEX = -100
@@ -88,6 +89,8 @@ class StepLosses:
     module_loss: torch.Tensor | None = None  # the online module's loss (OKD update steps only)
     module_ce: torch.Tensor | None = None
     module_divergence: torch.Tensor | None = None
+    module_kl_from_frozen: torch.Tensor | None = None  # KL(p_0 || p_phi), when the frozen logits were at hand
+    module_accuracy: torch.Tensor | None = None  # top-1 accuracy of the adapted teacher on the batch
     skipped: bool = False  # set when a non-finite step was skipped
 
     def as_floats(self) -> dict[str, float]:
@@ -107,11 +110,15 @@ class DistillationLoss:
         chunk_tokens: chunk size of the divergence computation.
     """
 
-    def __init__(self, method: ResolvedMethod, online: OnlineModuleConfig | None, chunk_tokens: int = 1024):
+    def __init__(self, method: ResolvedMethod, online: OnlineModuleConfig | None, chunk_tokens: int = 1024, total_steps: int = 1):
         self.method = method
         self.online = online
         self.divergence = get_divergence(method.divergence, **method.divergence_params)
         self.chunk_tokens = chunk_tokens
+        # The module's loss and the student's target distribution (okd.online.objective).
+        self.objective = None if online is None else OnlineObjective(
+            online, method.divergence, method.divergence_params, method.temperature, chunk_tokens, total_steps
+        )
 
     def divergence_between(self, target_logits, learner_logits, mask):
         return self.divergence(
@@ -128,6 +135,8 @@ class DistillationLoss:
         teacher_logits: torch.Tensor | None,
         labels: torch.Tensor,
         update_module: bool = False,
+        frozen_logits: torch.Tensor | None = None,
+        step: int = 0,
     ) -> StepLosses:
         targets, mask = next_token_targets(labels)
         ratio = self.method.kd_ratio
@@ -137,17 +146,16 @@ class DistillationLoss:
         if teacher_logits is None or ratio == 0:
             losses = StepLosses(loss=ce, ce=ce)
         else:
-            kd = self.divergence_between(teacher_logits.detach(), student_logits, mask)
+            target = teacher_logits if self.objective is None else self.objective.student_target(teacher_logits, frozen_logits)
+            kd = self.divergence_between(target.detach(), student_logits, mask)
             loss = kd if ratio == 1 else (1 - ratio) * ce + ratio * kd
             losses = StepLosses(loss=loss, ce=ce, kd=kd)
         if update_module:
-            # The module moves the teacher toward the (detached) student with the same divergence,
-            # roles swapped, while CE on the data keeps the adapted teacher accurate.
-            module_ce = cross_entropy(teacher_logits, targets)
-            module_div = self.divergence_between(student_logits.detach(), teacher_logits, mask)
-            losses.module_ce = module_ce
-            losses.module_divergence = module_div
-            losses.module_loss = self.online.ce_weight * module_ce + self.online.student_weight * module_div
+            # The module moves the teacher toward the (detached) student, while CE on the data (and
+            # the optional anchor to the frozen teacher) keeps the adapted teacher accurate.
+            module = self.objective(student_logits, teacher_logits, frozen_logits, targets, step)
+            losses.module_loss, losses.module_ce, losses.module_divergence = module.loss, module.ce, module.divergence
+            losses.module_kl_from_frozen, losses.module_accuracy = module.anchor, module.accuracy
         return losses
 
 
@@ -391,7 +399,8 @@ class Distiller:
             self.module_optimizer = torch.optim.AdamW(
                 self.teacher.module_parameters(), lr=online.learning_rate, weight_decay=online.weight_decay
             )
-        self.loss_fn = DistillationLoss(self.method, self.online_config, train.divergence_chunk_tokens)
+            self.module_schedule = ModuleSchedule(online, train.max_steps)
+        self.loss_fn = DistillationLoss(self.method, self.online_config, train.divergence_chunk_tokens, train.max_steps)
         self.step = 0
         self.train_seconds = 0.0
         self.final_metrics: dict = {}
@@ -491,12 +500,18 @@ class Distiller:
         accelerator = self.accelerator
         with accelerator.autocast():
             student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            teacher_logits = None
+            teacher_logits = frozen_logits = None
             if self.teacher is not None:
-                teacher_logits = self.teacher(
-                    batch["input_ids"], batch["attention_mask"], track_module_grad=update_module
+                # The frozen teacher's logits: for the anchor / teacher_mix, and (free for the adapter)
+                # for the module's KL-from-frozen diagnostic on update steps.
+                need_frozen = self.loss_fn.objective is not None and self.loss_fn.objective.needs_frozen(update_module)
+                teacher_logits, frozen_logits = self.teacher.adapted_and_frozen(
+                    batch["input_ids"], batch["attention_mask"], track_module_grad=update_module, need_frozen=need_frozen
                 )
-            losses = self.loss_fn(student_logits, teacher_logits, batch["labels"], update_module=update_module)
+            losses = self.loss_fn(
+                student_logits, teacher_logits, batch["labels"], update_module=update_module,
+                frozen_logits=frozen_logits, step=self.step,
+            )
         # One backward: the student's loss sees the teacher detached and the module's loss sees the
         # student detached, so each gradient lands only where it belongs.
         total = losses.loss if losses.module_loss is None else losses.loss + losses.module_loss
@@ -519,6 +534,7 @@ class Distiller:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if update_module:
+            self.module_schedule.apply(self.module_optimizer, self.step)
             self.module_optimizer.step()
             self.module_optimizer.zero_grad(set_to_none=True)
         return losses
@@ -614,7 +630,7 @@ class Distiller:
             self.step += 1
             step = self.step
             batch = {k: v.to(accelerator.device) for k, v in self.source.next_batch().items()}
-            update_module = self.module_optimizer is not None and step % self.online_config.update_every == 0
+            update_module = self.module_optimizer is not None and module_updates_at(self.online_config, step)
             losses = self.training_step(batch, update_module)
 
             tokens_since_log += int(batch["attention_mask"].sum()) * accelerator.num_processes
@@ -927,6 +943,8 @@ def validation_metrics(student, teacher, dataset, collator, loss_fn: Distillatio
     student.eval()
     ce_sum = kd_sum = 0.0
     tokens = 0
+    # What the online module does to the teacher (OKD only): adapted CE/accuracy and KL from the frozen one.
+    adapted = AdaptedTeacherMetrics() if teacher is not None and loss_fn.objective is not None else None
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -937,10 +955,17 @@ def validation_metrics(student, teacher, dataset, collator, loss_fn: Distillatio
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ce_sum += float(cross_entropy(logits, targets)) * n
         if teacher is not None:
-            teacher_logits = teacher(batch["input_ids"], batch["attention_mask"])
+            teacher_logits, frozen_logits = teacher.adapted_and_frozen(
+                batch["input_ids"], batch["attention_mask"], need_frozen=adapted is not None
+            )
+            if adapted is not None:
+                adapted.update(teacher_logits, frozen_logits, targets)
+                teacher_logits = loss_fn.objective.student_target(teacher_logits, frozen_logits)
             kd_sum += float(loss_fn.divergence_between(teacher_logits, logits, mask)) * n
         tokens += n
     metrics = {"validation_ce": ce_sum / max(tokens, 1)}
     if teacher is not None:
         metrics["validation_divergence"] = kd_sum / max(tokens, 1)
+    if adapted is not None:
+        metrics.update(adapted.result())
     return metrics
