@@ -141,7 +141,7 @@ def test_teacher_mix_is_a_probability_space_mixture(mix):
 
 
 def test_module_updates_only_after_start_step_and_every_k():
-    config = OnlineModuleConfig(update_every=3, start_step=7)
+    config = OnlineModuleConfig(update_every=3, start_step=6)  # step 6 itself: no update
     assert [s for s in range(1, 20) if module_updates_at(config, s)] == [9, 12, 15, 18]
     assert [s for s in range(1, 8) if module_updates_at(OnlineModuleConfig(), s)] == list(range(1, 8))
 
