@@ -83,9 +83,9 @@ def test_module_loss_matches_float64_reference_values_and_gradients(name, anchor
     kl0 = _masked_mean(_kl64(frozen, teacher64), targets)
     reference = 0.5 * _ce64(teacher64, targets) + 2.0 * div + anchor * kl0
     reference.backward()
-    assert float(out.divergence.detach()) == pytest.approx(float(div), rel=1e-5)
-    assert float(out.anchor.detach()) == pytest.approx(float(kl0), rel=1e-5)  # logged even at weight 0
-    assert float(out.loss.detach()) == pytest.approx(float(reference), rel=1e-5)
+    assert float(out.divergence.detach()) == pytest.approx(float(div.detach()), rel=1e-5)
+    assert float(out.anchor.detach()) == pytest.approx(float(kl0.detach()), rel=1e-5)  # logged even at weight 0
+    assert float(out.loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
     torch.testing.assert_close(teacher_leaf.grad.double(), teacher64.grad, rtol=1e-4, atol=1e-6)
     assert student_leaf.grad is None  # the module's loss never moves the student
 
