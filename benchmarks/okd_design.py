@@ -227,12 +227,14 @@ def run_one(name: str, seed: int, args, paths: dict, validation_set, workdir: Pa
     distiller.save()
     student = distiller.accelerator.unwrap_model(distiller.student)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    eval_started = time.perf_counter()
     scored = evaluate_model(student, distiller.tokenizer, validation_set, [seed], generation, progress=False)
     validation = {k: v for k, v in distiller.final_metrics.items() if k.startswith("validation_")}
     return {
         "variant": name, "seed": seed, "train_seconds": distiller.train_seconds,
         "validation_rouge_l": scored.rouge_l_mean, "validation": validation,
         "student": str(distiller.output / "student"), "test_rouge_l": None,
+        "eval_seconds": time.perf_counter() - eval_started,
     }
 
 
