@@ -104,9 +104,11 @@ def select(table: dict, baseline: str = BASELINE) -> str | None:
     return max(candidates, key=lambda n: (table[n]["validation_rouge_l_mean"], -table[n].get("validation_ce_mean", 0.0)))
 
 
-def beats(a: dict, b: dict, split: str = "validation") -> bool:
+def beats(a: dict, b: dict, split: str = "validation") -> bool | None:
     """Does ``a`` beat ``b`` on ``split`` ROUGE-L beyond the seed spread (mean difference larger than
-    the sum of the two standard deviations)?"""
+    the sum of the two standard deviations)? None when either has fewer than 2 seeds (no spread)."""
+    if min(len(a.get("seeds", ())), len(b.get("seeds", ()))) < 2:
+        return None
     diff = a[f"{split}_rouge_l_mean"] - b[f"{split}_rouge_l_mean"]
     return diff > a[f"{split}_rouge_l_std"] + b[f"{split}_rouge_l_std"]
 
@@ -115,6 +117,10 @@ def tested_variants(selected: str | None, variants: list[str]) -> list[str]:
     """Scored on test at the end: the baseline, OKD's current default and the selected variant."""
     chosen = [BASELINE, DEFAULT_OKD, selected]
     return [v for i, v in enumerate(chosen) if v is not None and v in variants and v not in chosen[:i]]
+
+
+def _verdict(beat: bool | None) -> str:
+    return {True: "beats", False: "does not beat", None: "cannot be compared with (one seed, no spread)"}[beat]
 
 
 def _fmt(row: dict, key: str, digits: int = 2) -> str:
@@ -160,7 +166,7 @@ def report(results: dict, out: Path) -> dict:
         lines += ["", f"Frozen teacher's validation CE: {frozen[0]:.3f}."]
     lines += ["", f"Selected on validation ROUGE-L: **{selected}**."]
     if selected and BASELINE in table:
-        verdict = "beats" if beats(table[selected], table[BASELINE]) else "does not beat"
+        verdict = _verdict(beats(table[selected], table[BASELINE]))
         lines.append(f"On validation it {verdict} {BASELINE} beyond the seed spread "
                      f"({_fmt(table[selected], 'validation_rouge_l')} vs {_fmt(table[BASELINE], 'validation_rouge_l')}).")
     tested = [v for v in tested_variants(selected, variants) if "test_rouge_l_mean" in table.get(v, {})]
@@ -168,7 +174,7 @@ def report(results: dict, out: Path) -> dict:
         lines += ["", "## Test (once, after the selection)", "", "| variant | test ROUGE-L |", "|---|---:|"]
         lines += [f"| {v} | {_fmt(table[v], 'test_rouge_l')} |" for v in tested]
         if selected in tested and BASELINE in tested:
-            verdict = "beats" if beats(table[selected], table[BASELINE], "test") else "does not beat"
+            verdict = _verdict(beats(table[selected], table[BASELINE], "test"))
             lines += ["", f"On test, {selected} {verdict} {BASELINE} beyond the seed spread."]
     write_json_atomic(out / "results.json", results)
     (out / "results.md.tmp").write_text("\n".join(lines) + "\n")

@@ -64,12 +64,14 @@ def test_selection_uses_validation_never_test(bench):
 
 
 def test_beats_only_beyond_the_seed_spread(bench):
-    a = {"validation_rouge_l_mean": 7.0, "validation_rouge_l_std": 0.5}
-    b = {"validation_rouge_l_mean": 6.0, "validation_rouge_l_std": 0.4}
-    assert bench.beats(a, b)
+    a = {"validation_rouge_l_mean": 7.0, "validation_rouge_l_std": 0.5, "seeds": [0, 1]}
+    b = {"validation_rouge_l_mean": 6.0, "validation_rouge_l_std": 0.4, "seeds": [0, 1]}
+    assert bench.beats(a, b) is True
     b["validation_rouge_l_std"] = 0.6
-    assert not bench.beats(a, b)
-    assert not bench.beats(b, a)
+    assert bench.beats(a, b) is False
+    assert bench.beats(b, a) is False
+    # One seed: no spread, no verdict (a std of 0 must not count as "beyond the spread").
+    assert bench.beats({**a, "seeds": [0]}, {**b, "validation_rouge_l_std": 0.0, "seeds": [0]}) is None
 
 
 def test_tested_variants_are_baseline_default_and_selected(bench):
