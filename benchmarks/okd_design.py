@@ -119,8 +119,10 @@ def tested_variants(selected: str | None, variants: list[str]) -> list[str]:
     return [v for i, v in enumerate(chosen) if v is not None and v in variants and v not in chosen[:i]]
 
 
-def _verdict(beat: bool | None) -> str:
-    return {True: "beats", False: "does not beat", None: "cannot be compared with (one seed, no spread)"}[beat]
+def _verdict(beat: bool | None, baseline: str) -> str:
+    if beat is None:
+        return f"cannot be compared with {baseline} (one seed: no spread)"
+    return f"{'beats' if beat else 'does not beat'} {baseline} beyond the seed spread"
 
 
 def _fmt(row: dict, key: str, digits: int = 2) -> str:
@@ -166,16 +168,16 @@ def report(results: dict, out: Path) -> dict:
         lines += ["", f"Frozen teacher's validation CE: {frozen[0]:.3f}."]
     lines += ["", f"Selected on validation ROUGE-L: **{selected}**."]
     if selected and BASELINE in table:
-        verdict = _verdict(beats(table[selected], table[BASELINE]))
-        lines.append(f"On validation it {verdict} {BASELINE} beyond the seed spread "
+        verdict = _verdict(beats(table[selected], table[BASELINE]), BASELINE)
+        lines.append(f"On validation it {verdict} "
                      f"({_fmt(table[selected], 'validation_rouge_l')} vs {_fmt(table[BASELINE], 'validation_rouge_l')}).")
     tested = [v for v in tested_variants(selected, variants) if "test_rouge_l_mean" in table.get(v, {})]
     if tested:
         lines += ["", "## Test (once, after the selection)", "", "| variant | test ROUGE-L |", "|---|---:|"]
         lines += [f"| {v} | {_fmt(table[v], 'test_rouge_l')} |" for v in tested]
         if selected in tested and BASELINE in tested:
-            verdict = _verdict(beats(table[selected], table[BASELINE], "test"))
-            lines += ["", f"On test, {selected} {verdict} {BASELINE} beyond the seed spread."]
+            verdict = _verdict(beats(table[selected], table[BASELINE], "test"), BASELINE)
+            lines += ["", f"On test, {selected} {verdict}."]
     write_json_atomic(out / "results.json", results)
     (out / "results.md.tmp").write_text("\n".join(lines) + "\n")
     (out / "results.md.tmp").replace(out / "results.md")
