@@ -5,8 +5,9 @@ A method is three independent choices, and the loop shows each in one place:
 1. the *source* of the sequences (``okd.data.sources``): ``batch = source.next_batch()``;
 2. the *divergence* the student minimises: ``loss = (1 - kd_ratio) * CE + kd_ratio * D(teacher, student)``;
 3. whether the *teacher adapts* (OKD): on update steps the online module takes one optimizer step on
-   ``ce_weight * CE(teacher, data) + student_weight * D(student.detach() -> teacher)``, reusing the
-   teacher forward of the step (there is no second teacher forward).
+   ``ce_weight * CE(teacher, data) + student_weight * D(student.detach() -> teacher)`` (+ an optional
+   anchor to the frozen teacher; the options live in ``okd.online.objective``), reusing the teacher
+   forward of the step (no second teacher forward, except LoRA's frozen pass for the anchor/mix).
 
 The student always learns from the current teacher, detached; the module always learns from the
 current student, detached. So the two losses touch disjoint parameters and one ``backward()`` serves
