@@ -132,3 +132,15 @@ def test_registry_errors_name_the_kind():
         build_online_module(nn.Linear(1, 1), OnlineModuleConfig(kind="nope"))
     with pytest.raises(ValueError, match="non-empty"):
         register_online_module(type("Nameless", (OnlineModule,), {}))
+
+
+def test_config_checks_the_kind_against_the_registry(monkeypatch):
+    """online.kind is validated against ONLINE_MODULES (one line with a suggestion), so a kind
+    registered at run time is accepted by the config without editing it."""
+    from okd.online import ONLINE_MODULES
+
+    with pytest.raises(ValueError, match=r"unknown online.kind 'adaptr'; did you mean 'adapter'\?") as error:
+        OnlineModuleConfig(kind="adaptr")
+    assert "\n" not in str(error.value)
+    monkeypatch.setitem(ONLINE_MODULES, "my_kind", object)
+    assert OnlineModuleConfig(kind="my_kind").kind == "my_kind"

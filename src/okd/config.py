@@ -174,9 +174,10 @@ def resolve_method(method: MethodConfig) -> ResolvedMethod:
 class OnlineModuleConfig:
     """OKD's online module: the only trainable part of the teacher (used when online_teacher)."""
 
-    kind: Literal["adapter", "lora"] = "adapter"
-    """adapter: residual bottleneck on the teacher's final hidden state (no backward through the
-    frozen teacher body). lora: LoRA (peft) on the attention and MLP projections of the top layers."""
+    kind: str = "adapter"
+    """The module kind, a name in okd.online.ONLINE_MODULES. adapter: residual bottleneck on the
+    teacher's final hidden state (no backward through the frozen teacher body). lora: LoRA (peft) on
+    the attention and MLP projections of the top layers."""
     adapter_bottleneck: int = 64
     """Bottleneck width of the adapter."""
     lora_rank: int = 8
@@ -184,26 +185,66 @@ class OnlineModuleConfig:
     lora_alpha: float = 16.0
     """LoRA scaling numerator (scale = alpha / rank)."""
     lora_top_layers: int = 2
-    """LoRA goes on this many of the teacher's top transformer layers."""
+    """LoRA goes on this many of the teacher's top transformer layers; 0 puts it on all of them."""
     lora_target_modules: Optional[list[str]] = None
     """Module names LoRA adapts. Default: peft's defaults for the architecture."""
     learning_rate: float = 5e-4
-    """Learning rate of the online module's own optimizer (AdamW)."""
+    """Peak learning rate of the online module's own optimizer (AdamW)."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule of the module's learning rate over the student steps after `start_step`, horizon
+    train.max_steps (okd.online.objective.module_lr_factor)."""
+    warmup_steps: int = 0
+    """Linear warm-up of the module's learning rate over this many student steps after `start_step`."""
     weight_decay: float = 0.0
     """Weight decay of the online module's optimizer."""
     update_every: int = 1
     """The module takes one optimizer step every this many student steps."""
+    start_step: int = 0
+    """Delayed start: no module update on the first `start_step` student steps (the student learns
+    from the frozen teacher until then)."""
     ce_weight: float = 1.0
     """Weight of CE(teacher, data) in the module's loss: keeps the adapted teacher accurate."""
     student_weight: float = 1.0
     """Weight of D(student.detach() -> teacher) in the module's loss: moves the teacher toward
-    what the student can represent. D is the method's divergence with the roles swapped."""
+    what the student can represent."""
+    divergence: str = "same"
+    """D in the module's loss, with the detached student q as target and the adapted teacher p_phi
+    as learner: forward_kl is KL(q || p_phi), reverse_kl is KL(p_phi || q) (PromptKD), jsd the
+    generalized JSD (beta in `divergence_params`), or any other name of okd.divergences. same: the
+    method's divergence and parameters with the roles swapped (KL(q || p_phi) for the okd preset)."""
+    divergence_params: Optional[dict[str, float]] = None
+    """Parameters of `divergence` (not of same), e.g. {beta: 0.5} for jsd."""
+    anchor_weight: float = 0.0
+    """Weight w of the anchor w * KL(p_0 || p_phi) in the module's loss, p_0 the frozen teacher:
+    keeps the adapted teacher near the pretrained one. 0: no anchor. With kind=lora it costs a
+    second teacher forward on update steps."""
+    anchor_schedule: Literal["constant", "linear"] = "constant"
+    """constant: w at every step; linear: w * (1 - step / train.max_steps), PromptKD's decay to 0."""
+    teacher_mix: float = 0.0
+    """What the student learns from: (1 - m) * p_phi + m * p_0 (mixed in probability space). 0: the
+    adapted teacher alone; 1: the frozen teacher alone (the module then only trains). With kind=lora
+    m > 0 costs a second teacher forward per step."""
 
     def __post_init__(self):
+        from okd.online import ONLINE_MODULES  # the registry of module kinds (a new kind registers there)
+
+        if self.kind not in ONLINE_MODULES:
+            raise ValueError(unknown_choice("online.kind", self.kind, sorted(ONLINE_MODULES)))
         if self.update_every < 1:
             raise ValueError(f"online.update_every must be >= 1, got {self.update_every}")
-        if self.ce_weight < 0 or self.student_weight < 0:
-            raise ValueError("online.ce_weight and online.student_weight must be >= 0")
+        for name in ("ce_weight", "student_weight", "anchor_weight", "learning_rate", "start_step", "warmup_steps", "lora_top_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"online.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.teacher_mix <= 1.0:
+            raise ValueError(f"online.teacher_mix must be in [0, 1], got {self.teacher_mix}")
+        if self.divergence != "same" and self.divergence not in DIVERGENCE_NAMES:
+            raise ValueError(unknown_choice("online.divergence", self.divergence, ("same", *DIVERGENCE_NAMES)))
+        if self.divergence == "same" and self.divergence_params:
+            raise ValueError("online.divergence_params is for a named online.divergence; same takes method.divergence_params")
+        if self.lr_scheduler not in ("constant", "linear", "cosine"):
+            raise ValueError(unknown_choice("online.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine")))
+        if self.anchor_schedule not in ("constant", "linear"):
+            raise ValueError(unknown_choice("online.anchor_schedule", self.anchor_schedule, ("constant", "linear")))
 
 
 @dataclass

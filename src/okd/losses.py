@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from okd.divergences import get_divergence
+from okd.online.objective import OnlineObjective
 
 if TYPE_CHECKING:
     from okd.config import OnlineModuleConfig, ResolvedMethod
@@ -56,6 +57,8 @@ class StepLosses:
     module_loss: torch.Tensor | None = None  # the online module's loss (OKD update steps only)
     module_ce: torch.Tensor | None = None
     module_divergence: torch.Tensor | None = None
+    module_kl_from_frozen: torch.Tensor | None = None  # KL(p_0 || p_phi), when the frozen logits were at hand
+    module_accuracy: torch.Tensor | None = None  # top-1 accuracy of the adapted teacher on the batch
     skipped: bool = False  # set when a non-finite step was skipped
     tokens: Any = None  # the step's loss-token counts (okd.training.distributed.TokenCount), set by the loop
 
@@ -78,13 +81,18 @@ class DistillationLoss:
         method: the resolved method (divergence, kd_ratio, temperature).
         online: the online-module config (weights of its two loss terms), or None.
         chunk_tokens: chunk size of the divergence computation.
+        total_steps: the run's length (the horizon of the module's anchor schedule).
     """
 
-    def __init__(self, method: ResolvedMethod, online: OnlineModuleConfig | None, chunk_tokens: int = 1024):
+    def __init__(self, method: ResolvedMethod, online: OnlineModuleConfig | None, chunk_tokens: int = 1024, total_steps: int = 1):
         self.method = method
         self.online = online
         self.divergence = get_divergence(method.divergence, **method.divergence_params)
         self.chunk_tokens = chunk_tokens
+        # The module's loss and the student's target distribution (okd.online.objective).
+        self.objective = None if online is None else OnlineObjective(
+            online, method.divergence, method.divergence_params, method.temperature, chunk_tokens, total_steps
+        )
 
     def divergence_between(self, target_logits, learner_logits, mask):
         return self.divergence(
@@ -101,6 +109,8 @@ class DistillationLoss:
         teacher_logits: torch.Tensor | None,
         labels: torch.Tensor,
         update_module: bool = False,
+        frozen_logits: torch.Tensor | None = None,
+        step: int = 0,
     ) -> StepLosses:
         targets, mask = next_token_targets(labels)
         ratio = self.method.kd_ratio
@@ -110,17 +120,16 @@ class DistillationLoss:
         if teacher_logits is None or ratio == 0:
             losses = StepLosses(loss=ce, ce=ce)
         else:
-            kd = self.divergence_between(teacher_logits.detach(), student_logits, mask)
+            target = teacher_logits if self.objective is None else self.objective.student_target(teacher_logits, frozen_logits)
+            kd = self.divergence_between(target.detach(), student_logits, mask)
             loss = kd if ratio == 1 else (1 - ratio) * ce + ratio * kd
             losses = StepLosses(loss=loss, ce=ce, kd=kd)
         if update_module:
-            # The module moves the teacher toward the (detached) student with the same divergence,
-            # roles swapped, while CE on the data keeps the adapted teacher accurate.
-            module_ce = cross_entropy(teacher_logits, targets)
-            module_div = self.divergence_between(student_logits.detach(), teacher_logits, mask)
-            losses.module_ce = module_ce
-            losses.module_divergence = module_div
-            losses.module_loss = self.online.ce_weight * module_ce + self.online.student_weight * module_div
+            # The module moves the teacher toward the (detached) student, while CE on the data (and
+            # the optional anchor to the frozen teacher) keeps the adapted teacher accurate.
+            module = self.objective(student_logits, teacher_logits, frozen_logits, targets, step)
+            losses.module_loss, losses.module_ce, losses.module_divergence = module.loss, module.ce, module.divergence
+            losses.module_kl_from_frozen, losses.module_accuracy = module.anchor, module.accuracy
         return losses
 
 

@@ -84,6 +84,21 @@ class Teacher(nn.Module):
     ) -> torch.Tensor:
         return self.module(input_ids, attention_mask, track_grad=track_module_grad)
 
+    def adapted_and_frozen(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        track_module_grad: bool = False,
+        need_frozen: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(adapted, frozen)`` logits ``[batch, seq, vocab]``: the teacher as :meth:`forward` and the
+        frozen pretrained teacher without its module (None unless ``need_frozen``, or free for the
+        kind: the adapter gets it from the same body pass, LoRA needs a second forward)."""
+        return self.module.forward_with_frozen(
+            input_ids, attention_mask, track_grad=track_module_grad, need_frozen=need_frozen
+        )
+
     # -- saving -------------------------------------------------------------------------------
     def save_module(self, directory: str | Path) -> None:
         """Write the online module (not the frozen teacher) to ``directory``."""

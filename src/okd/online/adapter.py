@@ -70,6 +70,21 @@ class AdapterModule(OnlineModule):
         with torch.set_grad_enabled(track_grad):
             return self.model.get_output_embeddings()(self.adapter(hidden))
 
+    def forward_with_frozen(self, input_ids, attention_mask, *, track_grad: bool, need_frozen: bool):
+        """One body pass for both: ``head(adapter(h))`` and the frozen ``head(h)``. The frozen logits
+        cost one extra output-head matmul (no second body pass); they are computed when
+        ``need_frozen`` and on update steps (``track_grad``), for the module's diagnostics."""
+        with torch.no_grad():
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            head = self.model.get_output_embeddings()
+            frozen = head(hidden) if (need_frozen or track_grad) else None
+        with torch.set_grad_enabled(track_grad):
+            return head(self.adapter(hidden)), frozen
+
+    @torch.no_grad()
+    def frozen_forward(self, input_ids, attention_mask) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.adapter.parameters())
 

@@ -52,6 +52,24 @@ class OnlineModule(nn.Module):
         only when ``track_grad`` (the teacher body itself is never differentiated w.r.t. its weights)."""
         raise NotImplementedError
 
+    def forward_with_frozen(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, track_grad: bool, need_frozen: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(adapted, frozen)`` logits, both ``[batch, seq, vocab]``: the adapted teacher (as
+        :meth:`forward`) and the frozen teacher ``p_0`` without the module (no graph).
+
+        ``frozen`` is computed when ``need_frozen`` and may be None otherwise; a kind that gets it
+        almost for free (the adapter) also returns it on update steps (``track_grad``). Default: :meth:`forward`, then
+        :meth:`frozen_forward` when needed (a second teacher forward).
+        """
+        adapted = self.forward(input_ids, attention_mask, track_grad=track_grad)
+        frozen = self.frozen_forward(input_ids, attention_mask) if need_frozen else None
+        return adapted, frozen
+
+    def frozen_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits of the frozen teacher with the module switched off (no graph)."""
+        raise NotImplementedError(f"online module kind {self.kind!r} cannot switch itself off (frozen_forward)")
+
     # -- parameters and state -------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the module's optimizer updates. Default: the model's parameters that require grad."""
@@ -108,6 +126,9 @@ class NoOnlineModule(OnlineModule):
     def forward(self, input_ids, attention_mask, *, track_grad: bool) -> torch.Tensor:
         with torch.no_grad():
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def frozen_forward(self, input_ids, attention_mask) -> torch.Tensor:
+        return self.forward(input_ids, attention_mask, track_grad=False)
 
     def save(self, directory: Path) -> None:
         pass  # nothing trainable to save

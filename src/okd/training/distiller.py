@@ -6,8 +6,9 @@ A method is three independent choices, and the loop shows each in one place:
 2. the *divergence* the student minimises: ``loss = (1 - kd_ratio) * CE + kd_ratio * D(teacher, student)``
    (``okd.losses.DistillationLoss``);
 3. whether the *teacher adapts* (OKD): on update steps the online module takes one optimizer step on
-   ``ce_weight * CE(teacher, data) + student_weight * D(student.detach() -> teacher)``, reusing the
-   teacher forward of the step (there is no second teacher forward).
+   ``ce_weight * CE(teacher, data) + student_weight * D(student.detach() -> teacher)`` (+ an optional
+   anchor to the frozen teacher; the options live in ``okd.online.objective``), reusing the teacher
+   forward of the step (no second teacher forward, except LoRA's frozen pass for the anchor/mix).
 
 The student always learns from the current teacher, detached; the module always learns from the
 current student, detached. So the two losses touch disjoint parameters and one ``backward()`` serves
@@ -45,6 +46,7 @@ from okd.config import (
 )
 from okd.io import write_json, write_text
 from okd.losses import DistillationLoss, StepLosses, first_nonfinite
+from okd.online.objective import ModuleSchedule, module_updates_at
 from okd.sources import SourceSetup, build_source
 from okd.teacher import Teacher
 
@@ -134,7 +136,9 @@ class Distiller:
             self.module_optimizer = torch.optim.AdamW(
                 self.teacher.module_parameters(), lr=self.online_config.learning_rate, weight_decay=self.online_config.weight_decay
             )
-        self.loss_fn = DistillationLoss(self.method, self.online_config, train.divergence_chunk_tokens)
+            # The module's own learning-rate schedule and delayed start (okd.online.objective).
+            self.module_schedule = ModuleSchedule(self.online_config, self.schedule_horizon)
+        self.loss_fn = DistillationLoss(self.method, self.online_config, train.divergence_chunk_tokens, self.schedule_horizon)
         self.step = 0
         self.train_seconds = 0.0  # of finished train() calls; ``elapsed()`` adds the running one
         self._running_since: float | None = None
@@ -178,6 +182,7 @@ class Distiller:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if update_module:
+            self.module_schedule.apply(self.module_optimizer, self.step)
             self.module_optimizer.step()
             self.module_optimizer.zero_grad(set_to_none=True)
         return losses
@@ -187,10 +192,19 @@ class Distiller:
         graphs: the student's loss, and on update steps the online module's)."""
         with self.accelerator.autocast():
             student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            teacher_logits = None
+            teacher_logits = frozen_logits = None
             if self.teacher is not None:
-                teacher_logits = self.teacher(batch["input_ids"], batch["attention_mask"], track_module_grad=update_module)
-            return self.loss_fn(student_logits, teacher_logits, batch["labels"], update_module=update_module)
+                # The frozen teacher's logits: for the anchor / teacher_mix, and (free for the adapter)
+                # for the module's KL-from-frozen diagnostic on update steps.
+                objective = self.loss_fn.objective
+                teacher_logits, frozen_logits = self.teacher.adapted_and_frozen(
+                    batch["input_ids"], batch["attention_mask"], track_module_grad=update_module,
+                    need_frozen=objective is not None and objective.needs_frozen(update_module),
+                )
+            return self.loss_fn(
+                student_logits, teacher_logits, batch["labels"], update_module=update_module,
+                frozen_logits=frozen_logits, step=self.step,
+            )
 
     def _nonfinite(self, losses: StepLosses, term: str) -> StepLosses:
         """Skip (when allowed) or stop on a non-finite loss term or gradient."""
@@ -251,7 +265,7 @@ class Distiller:
             self.step += 1
             step = self.step
             batch = {k: v.to(accelerator.device) for k, v in self.source.next_batch().items()}
-            update_module = self.module_optimizer is not None and step % self.online_config.update_every == 0
+            update_module = self.module_optimizer is not None and module_updates_at(self.online_config, step)
             losses = self.training_step(batch, update_module)
 
             tokens_since_log += int(batch["attention_mask"].sum()) * accelerator.num_processes

@@ -1,10 +1,12 @@
-"""Held-out metrics during training: the student's CE and its divergence to the current teacher."""
+"""Held-out metrics during training: the student's CE, its divergence to the current teacher and, for
+OKD, what the online module does to the teacher (adapted CE/accuracy, KL from the frozen teacher)."""
 
 from __future__ import annotations
 
 import torch
 
 from okd.losses import DistillationLoss, cross_entropy, next_token_targets
+from okd.online.objective import AdaptedTeacherMetrics
 
 
 @torch.no_grad()
@@ -13,6 +15,8 @@ def validation_metrics(student, teacher, dataset, collator, loss_fn: Distillatio
     student.eval()
     ce_sum = kd_sum = 0.0
     tokens = 0
+    # What the online module does to the teacher (OKD only): adapted CE/accuracy and KL from the frozen one.
+    adapted = AdaptedTeacherMetrics() if teacher is not None and loss_fn.objective is not None else None
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -23,10 +27,17 @@ def validation_metrics(student, teacher, dataset, collator, loss_fn: Distillatio
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ce_sum += float(cross_entropy(logits, targets)) * n
         if teacher is not None:
-            teacher_logits = teacher(batch["input_ids"], batch["attention_mask"])
+            teacher_logits, frozen_logits = teacher.adapted_and_frozen(
+                batch["input_ids"], batch["attention_mask"], need_frozen=adapted is not None
+            )
+            if adapted is not None:
+                adapted.update(teacher_logits, frozen_logits, targets)
+                teacher_logits = loss_fn.objective.student_target(teacher_logits, frozen_logits)
             kd_sum += float(loss_fn.divergence_between(teacher_logits, logits, mask)) * n
         tokens += n
     metrics = {"validation_ce": ce_sum / max(tokens, 1)}
     if teacher is not None:
         metrics["validation_divergence"] = kd_sum / max(tokens, 1)
+    if adapted is not None:
+        metrics.update(adapted.result())
     return metrics
