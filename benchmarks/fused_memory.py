@@ -138,7 +138,7 @@ def run_worker(args) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "chunk_tokens": chunk,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "grad_norm_h_s": float(h_s.grad.double().norm()),
         "grad_norm_w_s": float(w_s.grad.double().norm()),
         "grad_norm_h_t": float(h_t.grad.double().norm()) if h_t.grad is not None else None,
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
             for impl in impls:
                 batch, note = args.batch, None
                 if impl == "dense":
-                    while batch > 1 and dense_estimate_mib(batch * args.seq, vocab, case) > mem_available_mib() - 2048:
+                    while batch > 1 and dense_estimate_mib(batch * args.seq, vocab, case) > 0.7 * mem_available_mib() - 1024:
                         batch //= 2
                     if batch != args.batch:
                         note = (f"run at batch {batch} (not {args.batch}): the dense path needs about "

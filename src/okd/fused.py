@@ -62,7 +62,10 @@ from okd.divergences import get_divergence
 
 __all__ = ["FusedLinearDistillationLoss", "FusedLosses", "fused_linear_distillation"]
 
-DEFAULT_CHUNK_TOKENS = 32
+# 16 tokens keep one chunk's ~dozen [c, V] float32 temporaries near 0.05x of one [8192, V] logits tensor,
+# so that loss + gradients stay under 0.15x (benchmarks/fused_memory.py); larger chunks are faster on CPU
+# (the head weight is read fewer times) and cost memory in proportion.
+DEFAULT_CHUNK_TOKENS = 16
 
 
 @dataclass
