@@ -373,7 +373,9 @@ def test_a_killed_write_leaves_nothing_that_reads_as_a_cache(setting, tmp_path, 
             raise SystemExit("simulated kill")
 
     monkeypatch.setattr(tc._ShardWriter, "flush", dying_flush)
-    monkeypatch.setattr(tc.shutil, "rmtree", lambda *a, **k: None)  # as if the process died: no cleanup
+    import okd.io
+
+    monkeypatch.setattr(okd.io.shutil, "rmtree", lambda *a, **k: None)  # as if the process died: no cleanup
     out = tmp_path / "cache"
     with pytest.raises(SystemExit):
         build_teacher_cache(setting["teacher"], setting["dataset"], out, top_k=4, positions_per_shard=20)

@@ -43,8 +43,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +53,7 @@ from torch import Tensor, nn
 
 from okd.data.instruction import IGNORE_INDEX, Collator
 from okd.divergences import get_divergence
+from okd.io import atomic_directory
 
 __all__ = [
     "FORMAT_NAME",
@@ -299,20 +298,6 @@ class _ShardWriter:
         self._reset()
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in root.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    try:
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 @torch.no_grad()
 def build_teacher_cache(
     teacher_model: nn.Module,
@@ -396,12 +381,10 @@ def build_teacher_cache(
     collate = Collator(pad_token_id if pad_token_id is not None else 0)
     device = next(teacher_model.parameters()).device
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    old = out.parent / f".{out.name}.old-{tag}"
-    tmp.mkdir()
-    try:
+    # Written in a hidden temporary directory with the manifest last; the whole cache becomes visible
+    # only by the rename at the end of the block (okd.io.atomic_directory), so a crash never leaves a
+    # cache that looks complete, and an existing one stays until the new one is.
+    with atomic_directory(out) as tmp:
         writer = _ShardWriter(tmp, positions_per_shard, tensor_dtypes)
         seen: set[str] = set()
         n_positions = 0
@@ -460,25 +443,8 @@ def build_teacher_cache(
             },
             "shards": writer.shards,
         }
-        # The manifest is written last, and the whole directory becomes visible only by the rename below.
+        # The manifest is written last.
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    moved_aside = False
-    try:
-        if out.exists():
-            os.replace(out, old)
-            moved_aside = True
-        os.replace(tmp, out)
-    except BaseException:
-        if moved_aside and not out.exists():
-            os.replace(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if moved_aside:
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
