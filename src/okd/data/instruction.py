@@ -39,7 +39,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,28 +173,19 @@ def format_record(record: dict, tokenizer=None) -> Example:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | os.PathLike, tokenizer=None) -> list[Example]:
-    """Read a JSONL file of records (see the module docstring) into ``Example``s.
 
-    Blank lines are skipped. Every problem raises ``DataError`` with a one-line message
-    naming the file and line, e.g. ``data.jsonl, line 3: missing field 'response'``.
-    ``tokenizer`` is only used to render chat records with its chat template.
-    Other sources (.json, .parquet, .arrow, a save_to_disk folder, ``hub:NAME``) go to
-    ``okd.data.loading.read_examples``.
-    """
-    from okd.data.loading import is_loader_source, read_examples  # (loading imports this module)
-
-    if is_loader_source(path):
-        return read_examples(path, tokenizer)
-    path = Path(path)
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, or a one-line ``DataError`` naming it."""
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
 
-    examples = []
+
+def json_lines(path: Path, raw: bytes) -> Iterator[tuple[str, dict]]:
+    """(``"file, line N"``, record) per non-blank line of a JSON-lines file; errors name the line."""
     # Split the bytes, not decoded text: str.splitlines() would also split at characters such
     # as U+2028 that are legal inside a JSON string. Decoding per line lets us name the bad line.
     for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
@@ -211,6 +202,25 @@ def read_jsonl(path: str | os.PathLike, tokenizer=None) -> list[Example]:
             raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
+def read_jsonl(path: str | os.PathLike, tokenizer=None) -> list[Example]:
+    """Read a JSONL file of records (see the module docstring) into ``Example``s.
+
+    Blank lines are skipped. Every problem raises ``DataError`` with a one-line message
+    naming the file and line, e.g. ``data.jsonl, line 3: missing field 'response'``.
+    ``tokenizer`` is only used to render chat records with its chat template.
+    Other sources (.json, .parquet, .arrow, a save_to_disk folder, ``hub:NAME``) go to
+    ``okd.data.loading.read_examples``.
+    """
+    from okd.data.loading import is_loader_source, read_examples  # (loading imports this module)
+
+    if is_loader_source(path):
+        return read_examples(path, tokenizer)
+    path = Path(path)
+    examples = []
+    for where, record in json_lines(path, read_bytes(path)):
         try:
             example = format_record(record, tokenizer)
             example.source = where

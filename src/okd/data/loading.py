@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from okd.data.instruction import DataError, Example, format_record, read_jsonl
+from okd.data.instruction import DataError, Example, format_record, json_lines, read_bytes, read_jsonl
 
 HUB_PREFIX = "hub:"
 
@@ -150,14 +150,14 @@ def read_examples(
     if suffix in _JSONL_SUFFIXES:
         if mapping is None:
             return read_jsonl(path, tokenizer)  # today's path, byte for byte
-        return _json_lines_examples(path, _read_bytes(path), mapping, tokenizer)
+        return _json_lines_examples(path, read_bytes(path), mapping, tokenizer)
     if suffix not in _LOADER_SUFFIXES:
         kind = f"file type {suffix!r}" if suffix else "file without a suffix"
         raise DataError(
             f"{path}: unknown {kind}; expected .jsonl, .json, .parquet, .arrow, "
             f"a save_to_disk folder or {_HUB_SYNTAX}"
         )
-    raw = _read_bytes(path)
+    raw = read_bytes(path)
     if suffix == ".json":
         return _json_examples(path, raw, mapping, tokenizer)
     if suffix == ".parquet":
@@ -230,36 +230,8 @@ def _to_examples(
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
-
-
-def _json_lines(path: Path, raw: bytes) -> Iterator[tuple[str, dict]]:
-    """(``"file, line N"``, record) per non-blank line, with ``read_jsonl``'s error messages."""
-    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}, line {lineno}"
-        try:
-            line = line_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{where}: not valid UTF-8 (byte {err.start + 1})") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, record
-
-
 def _json_lines_examples(path: Path, raw: bytes, mapping, tokenizer) -> list[Example]:
-    records = list(_json_lines(path, raw))
+    records = list(json_lines(path, raw))
     _check_columns(str(path), _union_keys(r for _, r in records), mapping)
     examples = [_format(record, where, mapping, tokenizer) for where, record in records]
     if not examples:
