@@ -135,3 +135,18 @@ def test_cli_out_of_range_teacher_mix_ratio_is_one_line(tiny_setting, tmp_path, 
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "minillm.teacher_mix_ratio" in errors[0], errors
     assert not (tmp_path / "bad").exists()
+
+
+def test_checkpoints_from_before_the_minillm_settings_still_resume():
+    """A run_config saved before ``method.objective`` and the ``minillm`` section existed is the same run."""
+    from pathlib import Path
+
+    from okd.config import DistillConfig
+    from okd.training.checkpoint import check_same_run, flatten_run_config
+
+    current = flatten_run_config(DistillConfig().run_config(1))
+    older = {k: v for k, v in current.items() if k not in ("method.objective", "minillm")}
+    check_same_run(older, current, Path("checkpoint"))
+    minillm = flatten_run_config(DistillConfig(method=MethodConfig(name="minillm")).run_config(1))
+    with pytest.raises(ValueError, match="method.objective: checkpoint 'distillation', now 'minillm'"):
+        check_same_run(older, minillm, Path("checkpoint"))
