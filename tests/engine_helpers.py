@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, TrainConfig
+from okd.minillm import MiniLLMConfig
 
 WORDS = (
     "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
@@ -70,5 +71,7 @@ def configs(setting: dict, method: str = "kd", steps: int = 20, online: OnlineMo
         ),
         train=TrainConfig(max_steps=steps, batch_size=8, learning_rate=3e-3, lr_scheduler="constant", log_every=1),
         eval=EvalConfig(batch_size=16),
+        # MiniLLM (and source teacher_mixed): rounds of 2 batches, served twice (4 steps a round).
+        minillm=MiniLLMConfig(num_rollouts=16, ppo_epochs=2),
         progress=False,
     )

@@ -163,3 +163,19 @@ def test_ranks_hold_the_same_module_and_the_check_reports_a_difference(tiny_sett
 
     with pytest.raises(ValueError, match=r"cannot resume .*num_processes: checkpoint 2, now 1"):
         Distiller(**worker_configs(tiny_setting), output_dir=str(tmp_path / "run"), resume=True)
+
+
+def test_two_processes_run_minillm_in_step(tiny_setting, tmp_path):
+    """MiniLLM under DDP: each rank samples its own prompts with the same seeds and stores as many
+    rollouts, so the ranks start rounds and passes on the same steps (two student forwards, rollout
+    and LM batch, before one backward)."""
+    out = tmp_path / "ddp"
+    _launch_distill(
+        tiny_setting, out, "minillm", "--data.max_validation_examples", "16", "--train.max_steps", "6",
+        "--sampling.max_new_tokens", "6", "--minillm.num_rollouts", "16", "--minillm.ppo_epochs", "2",
+    )
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    assert summary["source_consistent_across_processes"] is True
+    # 16 rollouts = 2 global batches of 2 x 4, served twice: round 2 starts at step 5.
+    assert summary["final"]["source_rollout_round"] == 2.0 and summary["final"]["source_rollout_size"] == 8.0

@@ -437,7 +437,7 @@ def test_config_source_names_come_from_the_registry():
     from okd.config import MethodConfig, SourceName, resolve_method
     from okd.sources import SOURCES, Source, register_source
 
-    assert set(typing.get_args(SourceName)) == set(SOURCES) == {"ground_truth", "teacher_generated", "on_policy", "adaptive_replay"}
+    assert set(typing.get_args(SourceName)) == set(SOURCES) == {"ground_truth", "teacher_generated", "on_policy", "adaptive_replay", "teacher_mixed"}
     assert all(issubclass(cls, Source) and cls.name == name for name, cls in SOURCES.items())
 
     @register_source("test_constant")

@@ -9,6 +9,7 @@ import torch
 from engine_helpers import configs
 
 from okd.config import METHOD_PRESETS, OnlineModuleConfig
+from okd.minillm import MiniLLMConfig
 from okd.training import Distiller, distill
 
 
@@ -150,10 +151,13 @@ def _resumable_configs(setting, method):
         max_new_tokens=6, init_threshold=0.7, replay_capacity=16, replay_ratio="0.5", loss_eps=0.0
     )
     kwargs["eval"].every = 3  # validation drives DistiLLM's threshold
+    # MiniLLM: rounds of 3 batches served twice, so the checkpoint at step 4 is in the middle of a
+    # pass (stored rollouts, shuffle order) and step 7 samples a new round (the sampler's generator).
+    kwargs["minillm"] = MiniLLMConfig(num_rollouts=24, ppo_epochs=2)
     return kwargs
 
 
-@pytest.mark.parametrize("method", ["kd", "okd", "gkd", "distillm"])
+@pytest.mark.parametrize("method", ["kd", "okd", "gkd", "distillm", "minillm"])
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_setting, tmp_path, method):
     from safetensors.torch import load_file
 

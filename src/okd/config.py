@@ -1,6 +1,6 @@
 """Typed configuration for `okd distill`: one dataclass per concern, and `DistillConfig` of them all.
 
-A run is described by seven sections: model, method, online, data, train, eval and sampling (plus
+A run is described by eight sections: model, method, online, data, train, eval, sampling and minillm (plus
 `output_dir`, `overwrite`, `resume`, `progress`); `DistillConfig` holds them. Every field has a
 docstring, which is also its `--help` text: the command line is generated from these classes by
 jsonargparse, so `okd distill --config configs/demo.yaml --train.max_steps 50` loads the YAML file and
@@ -11,7 +11,8 @@ A *method* is three independent choices (see `MethodConfig`):
   divergence the student minimises (`divergence`, a name in `okd.divergences.DIVERGENCES`), and
   whether the teacher adapts (`online_teacher`, i.e. OKD).
 Named presets (`METHOD_PRESETS`: sft, kd, rkl, jsd, tvd, skl, srkl, akl, okd, seqkd, imitkd, gkd,
-distillm) fill those choices; any field set explicitly wins over the preset.
+distillm, minillm) fill those choices; any field set explicitly wins over the preset. MiniLLM adds a
+fourth choice, the `objective` (its policy-gradient loss instead of the divergence).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from okd.divergences import DIVERGENCES
+from okd.minillm import MiniLLMConfig
 from okd.sources import SOURCES, source_names
 
 # Both lists come from their registries: a new source or divergence needs no edit here.
 SourceName = Literal[source_names()]  # type: ignore[valid-type]
 DIVERGENCE_NAMES = tuple(DIVERGENCES)
+OBJECTIVES = ("distillation", "minillm")
 
 
 def closest(value: str, valid) -> str | None:
@@ -68,13 +71,15 @@ class MethodConfig:
     """What the student learns from. Empty fields take the value of the preset named by `name`."""
 
     name: str = "kd"
-    """Preset: sft, kd, rkl, jsd, tvd, skl, srkl, akl, okd, seqkd, imitkd, gkd or distillm (see
-    okd.config.METHOD_PRESETS)."""
+    """Preset: sft, kd, rkl, jsd, tvd, skl, srkl, akl, okd, seqkd, imitkd, gkd, distillm or minillm
+    (see okd.config.METHOD_PRESETS)."""
     source: Optional[SourceName] = None
     """Where training sequences come from. ground_truth: the dataset's responses; teacher_generated:
     the teacher's responses to the training prompts, generated once and cached (SeqKD); on_policy:
     the student's own samples with probability `sampling.on_policy_ratio` per batch (GKD, ImitKD);
-    adaptive_replay: DistiLLM's adaptive off-policy replay of student samples."""
+    adaptive_replay: DistiLLM's adaptive off-policy replay of student samples; teacher_mixed: MiniLLM's
+    rollouts sampled from (1 - a) * student + a * teacher (the `minillm` section), reused for
+    minillm.ppo_epochs passes (works with any divergence too)."""
     divergence: Optional[str] = None
     """Token-level divergence the student minimises: forward_kl, reverse_kl, jsd, tvd, skew_kl,
     skew_reverse_kl, adaptive_kl."""
@@ -87,6 +92,10 @@ class MethodConfig:
     """Softmax temperature applied to both teacher and student logits inside the divergence."""
     online_teacher: Optional[bool] = None
     """OKD: train a small online module on the frozen teacher together with the student."""
+    objective: Optional[Literal["distillation", "minillm"]] = None
+    """distillation: the kd_ratio mix of CE and the divergence above (every preset but minillm);
+    minillm: MiniLLM's policy gradient on sequence-level reverse KL (the `minillm` section; needs
+    source teacher_mixed). The divergence is then only the validation metric."""
 
 
 @dataclass(frozen=True)
@@ -100,14 +109,22 @@ class ResolvedMethod:
     kd_ratio: float
     temperature: float
     online_teacher: bool
+    objective: str = "distillation"
 
     @property
     def uses_teacher(self) -> bool:
-        return self.kd_ratio > 0 or self.online_teacher or self.source == "teacher_generated"
+        return self.needs_teacher_logits or self.source in ("teacher_generated", "teacher_mixed")
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        """Whether each step runs the teacher (its logits enter the student's loss)."""
+        return self.kd_ratio > 0 or self.online_teacher or self.objective == "minillm"
 
 
-def _preset(divergence: str = "forward_kl", kd_ratio: float = 1.0, online: bool = False, source: str = "ground_truth", **params):
+def _preset(divergence: str = "forward_kl", kd_ratio: float = 1.0, online: bool = False, source: str = "ground_truth",
+            objective: str = "distillation", **params):
     return {
+        "objective": objective,
         "source": source,
         "divergence": divergence,
         "divergence_params": params,
@@ -141,6 +158,9 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "gkd": _preset("jsd", source="on_policy", beta=0.5),
     # DistiLLM (Ko et al.): skew reverse KL (alpha 0.1) with the adaptive off-policy replay.
     "distillm": _preset("skew_reverse_kl", source="adaptive_replay", alpha=0.1),
+    # MiniLLM (Gu et al.): sequence-level reverse KL by policy gradient on teacher-mixed rollouts; its
+    # settings are the `minillm` section (okd.minillm.MiniLLMConfig); reverse KL is the validation metric.
+    "minillm": _preset("reverse_kl", source="teacher_mixed", objective="minillm"),
 }
 
 # Per-preset defaults of the sampling section (applied where the user left a field empty).
@@ -167,6 +187,14 @@ def resolve_method(method: MethodConfig) -> ResolvedMethod:
         raise ValueError(f"method.kd_ratio must be in [0, 1], got {values['kd_ratio']}")
     if values["temperature"] <= 0:
         raise ValueError(f"method.temperature must be > 0, got {values['temperature']}")
+    if values["objective"] not in OBJECTIVES:
+        raise ValueError(unknown_choice("method.objective", values["objective"], OBJECTIVES))
+    if values["objective"] == "minillm" and values["source"] != "teacher_mixed":
+        raise ValueError(
+            f"method.objective=minillm needs method.source=teacher_mixed (its rollouts), got {values['source']!r}"
+        )
+    if values["online_teacher"] and values["source"] == "teacher_mixed":
+        raise ValueError("method.online_teacher is not supported with method.source=teacher_mixed (it samples from the frozen teacher)")
     return ResolvedMethod(name=method.name, **values)
 
 
@@ -394,12 +422,12 @@ class EvalConfig:
 
 
 # The sections of a run, in the order the saved run_config.yaml lists them.
-SECTIONS = ("model", "method", "online", "data", "train", "eval", "sampling")
+SECTIONS = ("model", "method", "online", "data", "train", "eval", "sampling", "minillm")
 
 
 @dataclass
 class DistillConfig:
-    """A whole distillation run: the seven sections, where its outputs go, and how to start.
+    """A whole distillation run: the eight sections, where its outputs go, and how to start.
 
     ``distill(**fields)``, ``Distiller(config)``, ``okd distill`` (whose options are these fields),
     the saved ``run_config.yaml`` and the resume check all use this one description.
@@ -412,6 +440,7 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
     output_dir: str = "runs/distill"
     """Directory for the run's outputs."""
     overwrite: bool = False
@@ -431,7 +460,11 @@ class DistillConfig:
         section with the method and sampling resolved; a section the method does not use (online
         without OKD, sampling with ground-truth data) is None, so changing it never blocks a resume."""
         method, sampling = self.resolved()
-        used = {"online": method.online_teacher, "sampling": method.source != "ground_truth"}
+        used = {
+            "online": method.online_teacher,
+            "sampling": method.source != "ground_truth",
+            "minillm": method.source == "teacher_mixed" or method.objective == "minillm",
+        }
         values = {"method": method, "sampling": sampling}
         record = {
             name: dataclasses.asdict(values.get(name, getattr(self, name))) if used.get(name, True) else None

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from okd.config import DataConfig, ModelConfig, SamplingConfig, TrainConfig
+    from okd.config import DataConfig, ModelConfig, ResolvedMethod, SamplingConfig, TrainConfig
+    from okd.minillm import MiniLLMConfig
 
 __all__ = ["SOURCES", "Source", "SourceSetup", "build_source", "register_source", "source_names"]
 
@@ -48,6 +49,9 @@ class SourceSetup:
     rank: int = 0
     world_size: int = 1
     progress: bool = False
+    method: ResolvedMethod | None = None  # the resolved method (teacher_mixed: is the objective MiniLLM's?)
+    minillm: MiniLLMConfig | None = None  # teacher_mixed: the sampler's settings
+    device: Any = "cpu"  # where the models run once the loop has placed them (teacher_mixed samples there)
 
 
 class Source:

@@ -39,6 +39,9 @@ RESUMABLE_CHANGES = {
 }
 
 
+ADDED_SETTINGS = {"method.objective": "distillation", "minillm": None}
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in ``output_dir/checkpoints`` (None if there is none).
 
@@ -128,6 +131,9 @@ def check_same_run(saved: dict, current: dict, checkpoint: Path) -> None:
 
     ``saved`` and ``current`` are flattened run configs (``flatten_run_config``).
     """
+    # Settings added after a checkpoint was written: what the run did then (every earlier run
+    # used the divergence objective and had no minillm section).
+    saved = {**ADDED_SETTINGS, **saved}
     differing = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
     if differing:
         shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differing[:3])

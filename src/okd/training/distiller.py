@@ -46,6 +46,8 @@ from okd.config import (
 )
 from okd.io import write_json, write_text
 from okd.losses import DistillationLoss, StepLosses, first_nonfinite
+from okd.minillm import MiniLLMConfig
+from okd.objectives import MiniLLMObjective
 from okd.online.objective import ModuleSchedule, module_updates_at
 from okd.sources import SourceSetup, build_source
 from okd.teacher import Teacher
@@ -100,16 +102,17 @@ class Distiller:
 
         self.tokenizer, student, teacher_model = load_models(config.model, self.method, train, config.data.max_length)
         self.teacher: Teacher | None = None
-        if teacher_model is not None and (self.method.kd_ratio > 0 or self.method.online_teacher):
+        if teacher_model is not None and self.method.needs_teacher_logits:
             self.teacher = Teacher(teacher_model, self.online_config, seed=train.seed).to(accelerator.device)
         self.train_set, self.validation_set = load_datasets(config.data, self.tokenizer)
         self.collator = Collator(pad_token_id=self.tokenizer.pad_token_id)
         setup = SourceSetup(
             dataset=self.train_set, collator=self.collator, tokenizer=self.tokenizer, student=student,
-            teacher=teacher_model.to(accelerator.device) if self.method.source == "teacher_generated" else teacher_model,
+            teacher=teacher_model.to(accelerator.device) if self.method.source in ("teacher_generated", "teacher_mixed") else teacher_model,
             model=config.model, data=config.data, train=train, sampling=self.sampling, output_dir=self.output,
             rank=accelerator.process_index, world_size=accelerator.num_processes,
             progress=config.progress and accelerator.is_main_process,
+            method=self.method, minillm=config.minillm, device=accelerator.device,
         )
         with accelerator.main_process_first():  # SeqKD: the main process generates, the others read its cache
             self.source = build_source(self.method.source, setup)
@@ -139,6 +142,7 @@ class Distiller:
             # The module's own learning-rate schedule and delayed start (okd.online.objective).
             self.module_schedule = ModuleSchedule(self.online_config, self.schedule_horizon)
         self.loss_fn = DistillationLoss(self.method, self.online_config, train.divergence_chunk_tokens, self.schedule_horizon)
+        self.minillm_loss = MiniLLMObjective(config.minillm) if self.method.objective == "minillm" else None
         self.step = 0
         self.train_seconds = 0.0  # of finished train() calls; ``elapsed()`` adds the running one
         self._running_since: float | None = None
@@ -191,6 +195,8 @@ class Distiller:
         """One forward of the student and the teacher on ``batch``, and the step's loss terms (with
         graphs: the student's loss, and on update steps the online module's)."""
         with self.accelerator.autocast():
+            if self.minillm_loss is not None:  # MiniLLM's policy-gradient objective (okd.objectives)
+                return self.minillm_loss(self.student, self.teacher, batch)
             student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             teacher_logits = frozen_logits = None
             if self.teacher is not None:
@@ -409,6 +415,7 @@ def distill(
     train: TrainConfig = TrainConfig(),
     eval: EvalConfig = EvalConfig(),
     sampling: SamplingConfig = SamplingConfig(),
+    minillm: MiniLLMConfig = MiniLLMConfig(),
     output_dir: str = "runs/distill",
     overwrite: bool = False,
     resume: bool = False,
@@ -431,6 +438,7 @@ def distill(
         train: Optimisation of the student.
         eval: Held-out evaluation during training.
         sampling: How generated training sequences are made (SeqKD, GKD, ImitKD, DistiLLM).
+        minillm: MiniLLM's objective and teacher-mixed sampler (method minillm, source teacher_mixed).
         output_dir: Directory for the run's outputs.
         overwrite: Replace a previous run in output_dir.
         resume: Continue the run in output_dir from its latest complete checkpoint.
@@ -438,7 +446,7 @@ def distill(
     """
     distiller = Distiller(DistillConfig(
         model=model, method=method, online=online, data=data, train=train, eval=eval, sampling=sampling,
-        output_dir=output_dir, overwrite=overwrite, resume=resume, progress=progress,
+        minillm=minillm, output_dir=output_dir, overwrite=overwrite, resume=resume, progress=progress,
     ))
     distiller.train()
     if not distiller.interrupted:
