@@ -327,3 +327,18 @@ def test_metrics_report_throughput_peak_memory_and_eta_as_scalars_for_trackers(t
     for _, values in logged:
         assert {"tokens_per_second", "peak_memory_mb", "eta_seconds", "loss"} <= values.keys()
         assert all(type(v) in (int, float, bool) for v in values.values())
+
+
+def test_checkpoints_from_before_the_new_fields_resume_at_their_defaults(tmp_path):
+    """A checkpoint written before these fields existed ran with their defaults: it resumes when they
+    are left at the defaults, and a changed accumulation is refused (it changes the run)."""
+    from okd.config import DistillConfig
+    from okd.training import checkpoint as ckpt
+
+    current = ckpt.flatten_run_config(DistillConfig().run_config(1))
+    old = {k: v for k, v in current.items() if k not in ckpt.ADDED_FIELD_DEFAULTS}
+    ckpt.check_same_run(old, current, tmp_path)
+    changed = ckpt.flatten_run_config(DistillConfig(train=TrainConfig(gradient_accumulation_steps=2)).run_config(1))
+    with pytest.raises(ValueError, match=r"train\.gradient_accumulation_steps: checkpoint 1, now 2"):
+        ckpt.check_same_run(old, changed, tmp_path)
+    ckpt.check_same_run(current, ckpt.flatten_run_config(DistillConfig(train=TrainConfig(gradient_checkpointing=True)).run_config(1)), tmp_path)
