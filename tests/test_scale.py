@@ -162,7 +162,8 @@ def _student_gradients(distiller: Distiller) -> dict[str, torch.Tensor]:
         names = {id(p): n for n, p in distiller.accelerator.unwrap_model(distiller.student).named_parameters()}
 
         def hook(optimizer, args, kwargs):
-            steps.append({names[id(p)]: p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None})
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            steps.append({names[id(p)]: p.grad.detach().clone() for p in params})
 
         distiller.optimizer.optimizer.register_step_pre_hook(hook)
     distiller.train()
@@ -341,4 +342,5 @@ def test_checkpoints_from_before_the_new_fields_resume_at_their_defaults(tmp_pat
     changed = ckpt.flatten_run_config(DistillConfig(train=TrainConfig(gradient_accumulation_steps=2)).run_config(1))
     with pytest.raises(ValueError, match=r"train\.gradient_accumulation_steps: checkpoint 1, now 2"):
         ckpt.check_same_run(old, changed, tmp_path)
-    ckpt.check_same_run(current, ckpt.flatten_run_config(DistillConfig(train=TrainConfig(gradient_checkpointing=True)).run_config(1)), tmp_path)
+    checkpointing = DistillConfig(train=TrainConfig(gradient_checkpointing=True))
+    ckpt.check_same_run(current, ckpt.flatten_run_config(checkpointing.run_config(1)), tmp_path)  # memory only
