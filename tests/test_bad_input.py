@@ -540,3 +540,19 @@ def test_bad_input_with_overwrite_or_resume_keeps_the_previous_run(tiny_setting,
     message = _cli_error(capsys, *_cli_args(tiny_setting, out, **{"data.train_file": bad}), flag)
     _assert_names_line(message, bad, 2)
     assert _snapshot(out) == before, f"the failed command with {flag} changed the previous run"
+
+
+def test_gradient_accumulation_below_one_is_one_line(tiny_setting, tmp_path, capsys):
+    out = tmp_path / "run"
+    message = _cli_error(capsys, *_cli_args(tiny_setting, out, **{"train.gradient_accumulation_steps": 0}))
+    assert "train.gradient_accumulation_steps" in message and "got 0" in message
+    _assert_no_outputs(out)
+
+
+def test_lora_targets_matching_no_module_are_one_line_listing_the_names(tiny_setting, tmp_path, capsys):
+    out = tmp_path / "run"
+    targets = json.dumps({"target_modules": ["qkv_proj"]})
+    message = _cli_error(capsys, *_cli_args(tiny_setting, out, **{"model.student_lora": targets}))
+    assert "model.student_lora.target_modules ['qkv_proj'] match no module" in message
+    assert "q_proj" in message and "v_proj" in message  # the names that exist
+    _assert_no_outputs(out)

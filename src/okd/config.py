@@ -46,6 +46,27 @@ def unknown_choice(kind: str, value: str, valid) -> str:
 
 
 @dataclass
+class LoraStudentConfig:
+    """A LoRA student (peft): low-rank adapters on the student's linear layers, the rest frozen."""
+
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: Union[str, list[str]] = "all-linear"
+    """Module names (or name suffixes) to adapt, e.g. [q_proj, v_proj]; "all-linear": every linear
+    layer but the output head (peft's shorthand)."""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"model.student_lora.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.student_lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
 class ModelConfig:
     """Which teacher and student to load or build."""
 
@@ -64,6 +85,14 @@ class ModelConfig:
     """GGUF file name inside the teacher directory, for teachers shipped as GGUF."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision the models are loaded in. fp32 is fastest on CPUs; use bfloat16 on recent GPUs."""
+    teacher_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """Precision of the frozen teacher, set apart from the student's (e.g. a bfloat16 teacher beside
+    a float32 student halves the teacher's memory). Empty: `dtype`. The divergences upcast each
+    chunk to float32, so mixed dtypes give the same losses up to the teacher's rounding."""
+    student_lora: Optional[LoraStudentConfig] = None
+    """Train the student as a LoRA adapter (peft) instead of in full; only the adapter's parameters
+    train. The run saves the adapter (student_adapter/) and the merged student (student/). Empty:
+    full fine-tuning."""
 
 
 @dataclass
@@ -316,7 +345,15 @@ class TrainConfig:
     max_steps: int = 1000
     """Number of student optimizer steps."""
     batch_size: int = 8
-    """Examples per step on each process."""
+    """Examples per micro-batch on each process. The global batch of one optimizer step is
+    batch_size * gradient_accumulation_steps * processes."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step on each process. The step's loss is the mean over the loss
+    tokens of all its micro-batches on all processes, so k micro-batches of b give the same update
+    as one batch of k * b."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's activations in the backward instead of keeping them (less memory,
+    about a third more compute). Generation (on-policy sources) still uses the KV cache."""
     learning_rate: float = 5e-4
     """Peak learning rate of the student's AdamW."""
     weight_decay: float = 0.01
@@ -332,7 +369,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for initialisation, data order and sampling."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Accelerate mixed precision."""
+    """Autocast the forward passes to bf16 or fp16 (Accelerate) while the weights and the optimizer
+    stay in model.dtype; for GPUs (bf16 needs Ampere or newer). fp16 adds loss scaling. On a CPU keep "no"."""
     log_every: int = 10
     """Write a metrics line every this many steps."""
     checkpoint_every: int = 0
@@ -347,7 +385,7 @@ class TrainConfig:
     """Extra experiment trackers (metrics.jsonl is always written)."""
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "log_every"):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 

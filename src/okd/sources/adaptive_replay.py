@@ -132,7 +132,8 @@ class AdaptiveReplaySource(StudentGenerationSource):
             loss_eps=sampling.loss_eps,
             capacity=sampling.replay_capacity,
             replay_ratio=sampling.replay_ratio,
-            total_steps=setup.train.max_steps,
+            # The schedule counts micro-batches (one per next_batch call), so its horizon does too.
+            total_steps=setup.train.max_steps * setup.train.gradient_accumulation_steps,
         )
 
     def __init__(

@@ -1,6 +1,7 @@
 """What a sequence source is, and the registry that ``method.source`` names.
 
-A source hands the training loop one batch per step (``next_batch()``): a dict of ``input_ids``,
+A source hands the training loop one micro-batch per ``next_batch()`` call (with
+``train.gradient_accumulation_steps = k``, k calls make one optimizer step): a dict of ``input_ids``,
 ``attention_mask`` and ``labels`` (``-100`` where no loss is taken: prompt and padding). The loop
 does not care how the sequences were made, so every source combines with every divergence and with
 OKD. A new source is one class: subclass ``Source``, decorate it with ``@register_source("name")``

@@ -35,11 +35,16 @@ STATE_FILE = "state.pt"
 # train.max_steps keeps the schedule's horizon, see ``schedule_horizon``).
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.report_to",
+    "train.gradient_checkpointing",  # trades memory for compute; the gradients stay the same
     "eval.batch_size",
 }
 
-
-ADDED_SETTINGS = {"method.objective": "distillation", "minillm": None}
+# Settings added after the first checkpoints were written: a checkpoint without one ran with this
+# value (every earlier run used the divergence objective, had no minillm section, no accumulation...).
+ADDED_FIELD_DEFAULTS = {
+    "train.gradient_accumulation_steps": 1, "model.teacher_dtype": None, "model.student_lora": None,
+    "method.objective": "distillation", "minillm": None,
+}
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -131,9 +136,7 @@ def check_same_run(saved: dict, current: dict, checkpoint: Path) -> None:
 
     ``saved`` and ``current`` are flattened run configs (``flatten_run_config``).
     """
-    # Settings added after a checkpoint was written: what the run did then (every earlier run
-    # used the divergence objective and had no minillm section).
-    saved = {**ADDED_SETTINGS, **saved}
+    saved = {**{k: v for k, v in ADDED_FIELD_DEFAULTS.items() if k in current}, **saved}
     differing = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
     if differing:
         shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differing[:3])

@@ -22,6 +22,7 @@ on every rank. Checkpoints: ``okd.training.checkpoint``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -53,7 +54,7 @@ from okd.sources import SourceSetup, build_source
 from okd.teacher import Teacher
 
 from . import checkpoint as ckpt
-from .distributed import Processes, TokenCount, make_accelerator
+from .distributed import Processes, TokenCount, local_tokens, make_accelerator, peak_memory_mb
 from .setup import check_output_dir, clear_output_dir, load_datasets, load_models
 from .signals import StopOnSignal
 from .validation import validation_metrics
@@ -75,6 +76,20 @@ def as_config(config: DistillConfig | ModelConfig | None = None, **fields) -> Di
     if config is None:
         return DistillConfig(**fields)
     return dataclasses.replace(config, **fields) if fields else config
+
+
+def token_weighted(parts: list[StepLosses], tokens: list[torch.Tensor]) -> StepLosses:
+    """The step's loss terms from its micro-batches' (detached): each term's mean weighted by the
+    micro-batch's loss tokens ``tokens`` (a plain mean when no micro-batch has any)."""
+    weights = torch.stack(tokens)
+    total = weights.sum()
+    weights = torch.where(total > 0, weights / total.clamp(min=1), torch.full_like(weights, 1 / len(parts)))
+    terms = {}
+    for f in dataclasses.fields(StepLosses):
+        values = [getattr(part, f.name) for part in parts]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            terms[f.name] = sum(w * v.detach().float() for w, v in zip(weights, values))
+    return StepLosses(**terms)
 
 
 class Distiller:
@@ -130,8 +145,11 @@ class Distiller:
             ckpt.check_same_run(resume_meta["run_config"], ckpt.flatten_run_config(self.run_config), resume_from)
         self.schedule_horizon = ckpt.schedule_horizon(train, resume_meta)
 
-        optimizer = torch.optim.AdamW(student.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+        # Only what trains goes to the optimizer (a LoRA student: its adapters).
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
         self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        self.student_parameters = [p for p in self.student.parameters() if p.requires_grad]
         # Not prepared: Accelerate's wrapper would step the schedule once per process per optimizer step.
         self.scheduler = ckpt.learning_rate_schedule(self.optimizer, train, self.schedule_horizon)
         self.module_optimizer = None
@@ -156,22 +174,39 @@ class Distiller:
             (self.output / "metrics.jsonl").unlink()  # nothing to resume from: start over
 
     # -- one step -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
-        """Forward student and teacher once, backward once, step the optimizers.
+    def training_step(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]], update_module: bool) -> StepLosses:
+        """One optimizer step on ``batch``: one micro-batch, or a list of them (gradient accumulation).
 
-        A NaN/inf loss term or gradient stops the run with an error naming the step, the term and the
-        method (checkpoints already written stay as they are), or, with ``train.skip_nonfinite_steps``,
-        skips the update and counts it. The returned losses carry the step's token counts.
+        Each micro-batch gets one forward of the student and the teacher and one backward; the
+        optimizers step once, after the last. The step's loss is the mean over the loss tokens of all
+        its micro-batches on all processes (each micro-batch's mean is weighted by its share of those
+        tokens), so k micro-batches of b equal one batch of k * b whatever the lengths.
+
+        A NaN/inf loss term or gradient of the accumulated step stops the run with an error naming
+        the step, the term and the method (checkpoints already written stay as they are), or, with
+        ``train.skip_nonfinite_steps``, skips the update and counts it. The returned losses are the
+        token-weighted means over the micro-batches (detached) and carry the step's token counts.
         """
         accelerator, processes = self.accelerator, self.processes
-        losses = self.forward_losses(batch, update_module)
-        losses.tokens = processes.count_tokens(batch["labels"])
-        # One backward: the student's loss sees the teacher detached and the module's loss sees the
-        # student detached, so each gradient lands only where it belongs.
-        total = losses.loss if losses.module_loss is None else losses.loss + losses.module_loss
-        accelerator.backward(total * processes.token_share(losses.tokens))
+        batches = [batch] if isinstance(batch, dict) else list(batch)
+        micro_tokens = [local_tokens(b["labels"]) for b in batches]
+        # The global token count must be known before the first backward: one reduction per step.
+        tokens = processes.count_tokens(*(b["labels"] for b in batches))
+        parts = []
+        for index, (micro, count) in enumerate(zip(batches, micro_tokens)):
+            last = index == len(batches) - 1
+            # DDP all-reduces the gradients only on the last micro-batch; the others accumulate locally.
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.student):
+                losses = self.forward_losses(micro, update_module)
+                # One backward: the student's loss sees the teacher detached and the module's loss sees
+                # the student detached, so each gradient lands only where it belongs.
+                total = losses.loss if losses.module_loss is None else losses.loss + losses.module_loss
+                accelerator.backward(total * processes.token_share(tokens, None if len(batches) == 1 else count))
+            parts.append(losses)
+        losses = parts[0] if len(parts) == 1 else token_weighted(parts, micro_tokens)
+        losses.tokens = tokens
         max_norm = self.train_config.max_grad_norm
-        grad_norm = accelerator.clip_grad_norm_(self.student.parameters(), max_norm if max_norm is not None else math.inf)
+        grad_norm = accelerator.clip_grad_norm_(self.student_parameters, max_norm if max_norm is not None else math.inf)
         if update_module:
             processes.average_gradients(self.teacher.module_parameters())
             grad_norm = grad_norm + torch.nn.utils.clip_grad_norm_(self.teacher.module_parameters(), math.inf)
@@ -267,25 +302,37 @@ class Distiller:
     def _loop(self, bar, metrics_file, stop: StopOnSignal) -> None:
         train, accelerator = self.train_config, self.accelerator
         tokens_since_log, time_since_log = 0, time.perf_counter()
+        first_step, started = self.step, time.perf_counter()
         while self.step < train.max_steps:
             self.step += 1
             step = self.step
-            batch = {k: v.to(accelerator.device) for k, v in self.source.next_batch().items()}
+            # One optimizer step: the source hands out one micro-batch per call.
+            batches = [
+                {k: v.to(accelerator.device) for k, v in self.source.next_batch().items()}
+                for _ in range(train.gradient_accumulation_steps)
+            ]
             update_module = self.module_optimizer is not None and module_updates_at(self.online_config, step)
-            losses = self.training_step(batch, update_module)
+            losses = self.training_step(batches[0] if len(batches) == 1 else batches, update_module)
 
-            tokens_since_log += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            tokens_since_log += sum(int(b["attention_mask"].sum()) for b in batches) * accelerator.num_processes
             bar.update(1)
             stopping = self.processes.any(stop.requested)  # a stop on any process stops all after this step
             if step % train.log_every == 0 or step == train.max_steps or losses.skipped or stopping:
                 now = time.perf_counter()
-                record = self._record(losses, update_module, tokens_since_log / max(now - time_since_log, 1e-9))
+                seconds_per_step = (now - started) / (step - first_step)  # of this train() call
+                record = self._record(
+                    losses, update_module, tokens_since_log / max(now - time_since_log, 1e-9),
+                    eta_seconds=seconds_per_step * (train.max_steps - step),
+                )
                 tokens_since_log, time_since_log = 0, now
                 eval_every = self.config.eval.every
                 if self.validation_set is not None and ((eval_every and step % eval_every == 0) or step == train.max_steps):
                     record.update(self.validate())
                 self.final_metrics = record
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}",
+                    mem=f"{record['peak_memory_mb']:.0f}MB", eta=f"{record['eta_seconds']:.0f}s",
+                )
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
                     metrics_file.flush()
@@ -300,8 +347,10 @@ class Distiller:
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
                 self.save_checkpoint()
 
-    def _record(self, losses: StepLosses, update_module: bool, tokens_per_second: float) -> dict:
-        """The metrics line of this step (loss terms averaged over processes)."""
+    def _record(self, losses: StepLosses, update_module: bool, tokens_per_second: float, eta_seconds: float = 0.0) -> dict:
+        """The metrics line of this step (loss terms averaged over processes; throughput over all
+        processes since the previous line; peak memory of this process; the time left at the pace
+        of this ``train()`` call)."""
         tokens = losses.tokens or TokenCount(torch.tensor(1.0), torch.tensor(1.0))
         record = {
             "step": self.step,
@@ -309,7 +358,9 @@ class Distiller:
             "learning_rate": self.scheduler.get_last_lr()[0],
             "module_updated": update_module and not losses.skipped,
             "tokens_per_second": tokens_per_second,
+            "peak_memory_mb": peak_memory_mb(self.accelerator.device),
             "elapsed_seconds": self.elapsed(),
+            "eta_seconds": eta_seconds,
             "epoch": self.source.epoch,
             "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
             **({"skipped": True} if losses.skipped else {}),
@@ -389,9 +440,14 @@ class Distiller:
         source_consistent = self.source_consistent_across_processes()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            from okd.models import save_pretrained_atomic
+            from okd.models import merged_lora_model, save_pretrained_atomic
 
-            save_pretrained_atomic(accelerator.unwrap_model(self.student), self.tokenizer, self.output / "student")
+            student = accelerator.unwrap_model(self.student)
+            if self.config.model.student_lora is not None:
+                # The adapter alone (peft's format), and the merged student: a plain transformers model.
+                save_pretrained_atomic(student, self.tokenizer, self.output / "student_adapter")
+                student = merged_lora_model(student)
+            save_pretrained_atomic(student, self.tokenizer, self.output / "student")
             if self.online_config is not None:
                 self.teacher.save_module(self.output / "online_module")
             summary = {

@@ -1,8 +1,9 @@
 """What the loop needs from the other processes of a multi-process run (and nothing when alone).
 
-Every process computes its loss as a mean over its own loss tokens; ``token_share`` rescales it so
-that the average over processes (DDP's, and the online module's explicit one) is the mean over all
-the global batch's tokens: one process with the whole batch computes the same. The decisions that
+Every micro-batch's loss is a mean over its own loss tokens; ``token_share`` rescales it so that the
+sum over the step's micro-batches, averaged over processes (DDP's average, and the online module's
+explicit one), is the mean over all the tokens of the global batch: one process with the whole batch
+in one micro-batch computes the same. The decisions that
 must be the same on every rank (stop, skip a non-finite step) are agreed on with one reduction.
 """
 
@@ -41,6 +42,23 @@ def make_accelerator(train, output_dir):
     )
 
 
+def local_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """The loss tokens of one batch (its positions with a next-token target), as a float scalar."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum().float()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far, in MiB: allocated CUDA memory on a CUDA device, else the
+    process's maximum resident set size (which includes the Python runtime and the libraries)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
 @dataclass
 class TokenCount:
     """Loss tokens of one step: on this process and over all processes."""
@@ -56,17 +74,21 @@ class Processes:
         self.accelerator = accelerator
         self.count = accelerator.num_processes
 
-    def count_tokens(self, labels: torch.Tensor) -> TokenCount:
-        local = (labels[:, 1:] != IGNORE_INDEX).sum().float()
+    def count_tokens(self, *labels: torch.Tensor) -> TokenCount:
+        """Loss tokens of the step's micro-batches (their ``labels``): here, and over all processes."""
+        local = sum(local_tokens(x) for x in labels)
         if self.count == 1:
             return TokenCount(local, local)
         return TokenCount(local, self.accelerator.reduce(local.clone(), reduction="sum"))
 
-    def token_share(self, tokens: TokenCount) -> torch.Tensor | float:
-        """Loss scale ``local_tokens * processes / global_tokens`` (1 for one process)."""
-        if self.count == 1:
+    def token_share(self, tokens: TokenCount, micro_batch_tokens: torch.Tensor | None = None) -> torch.Tensor | float:
+        """Loss scale of one micro-batch: ``its_tokens * processes / global_tokens`` (its tokens:
+        ``micro_batch_tokens``, default the whole step's on this process; 1 for one process and one
+        micro-batch)."""
+        local = tokens.local if micro_batch_tokens is None else micro_batch_tokens
+        if self.count == 1 and local is tokens.total:
             return 1.0
-        return tokens.local * self.count / tokens.total.clamp(min=1)
+        return local * self.count / tokens.total.clamp(min=1)
 
     def global_means(self, values: dict[str, float], tokens: TokenCount) -> dict[str, float]:
         """Token-weighted means of one step's loss terms over all processes (for logging)."""

@@ -8,13 +8,24 @@ from pathlib import Path
 from okd.config import DataConfig, ModelConfig, ResolvedMethod, TrainConfig
 
 # What a run writes into its output directory.
-RUN_OUTPUTS = ("metrics.jsonl", "run_config.yaml", "train_summary.json", "student", "online_module", "checkpoints")
+RUN_OUTPUTS = (
+    "metrics.jsonl", "run_config.yaml", "train_summary.json", "student", "student_adapter", "online_module", "checkpoints",
+)
 
 
 def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConfig, max_length: int):
     """Tokenizer, student and (when the method needs one) the teacher model, checked to agree."""
     from okd.data import ensure_pad_token
-    from okd.models import build_model, check_compatible, check_same_tokenizer, load_model, load_tokenizer, saved_tokenizer
+    from okd.models import (
+        apply_student_lora,
+        build_model,
+        check_compatible,
+        check_same_tokenizer,
+        enable_gradient_checkpointing,
+        load_model,
+        load_tokenizer,
+        saved_tokenizer,
+    )
 
     tokenizer_source = model_cfg.tokenizer or model_cfg.teacher or model_cfg.student
     if not tokenizer_source:
@@ -26,7 +37,8 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
     if method.uses_teacher:
         if not model_cfg.teacher:
             raise ValueError(f"method {method.name!r} needs a teacher: set model.teacher")
-        teacher_model = load_model(model_cfg.teacher, dtype=model_cfg.dtype, gguf_file=model_cfg.gguf_file)
+        teacher_dtype = model_cfg.teacher_dtype or model_cfg.dtype
+        teacher_model = load_model(model_cfg.teacher, dtype=teacher_dtype, gguf_file=model_cfg.gguf_file)
 
     if model_cfg.student:
         student = load_model(model_cfg.student, dtype=model_cfg.dtype)
@@ -51,6 +63,10 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
             )
     if teacher_model is not None:
         check_compatible(teacher_model, student, tokenizer, tokenizer)
+    if train.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
+    if model_cfg.student_lora is not None:
+        student = apply_student_lora(student, model_cfg.student_lora)
     return tokenizer, student, teacher_model
 
 
