@@ -61,6 +61,10 @@ class ModelConfig:
     """GGUF file name inside the teacher directory, for teachers shipped as GGUF."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision the models are loaded in. fp32 is fastest on CPUs; use bfloat16 on recent GPUs."""
+    teacher_cache: Optional[str] = None
+    """Train from cached teacher outputs (a directory written by `okd teacher cache`) instead of running
+    the teacher. store=topk: the teacher is never loaded; store=hidden: only its output head (OKD with
+    online.kind=adapter). Ground-truth data only; validation then logs validation_ce only."""
 
 
 @dataclass

@@ -16,6 +16,8 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
     from okd.data import ensure_pad_token
     from okd.models import build_model, check_compatible, check_same_tokenizer, load_model, load_tokenizer, saved_tokenizer
 
+    from .cached import HeadOnlyTeacher, cache_store
+
     tokenizer_source = model_cfg.tokenizer or model_cfg.teacher or model_cfg.student
     if not tokenizer_source:
         raise ValueError("set model.teacher (or model.tokenizer / model.student)")
@@ -23,7 +25,8 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
     ensure_pad_token(tokenizer)
 
     teacher_model = None
-    if method.uses_teacher:
+    # A top-k teacher cache replaces the teacher (okd.training.cached): its weights are never loaded.
+    if method.uses_teacher and not (model_cfg.teacher_cache and cache_store(model_cfg.teacher_cache) == "topk"):
         if not model_cfg.teacher:
             raise ValueError(f"method {method.name!r} needs a teacher: set model.teacher")
         teacher_model = load_model(model_cfg.teacher, dtype=model_cfg.dtype, gguf_file=model_cfg.gguf_file)
@@ -51,6 +54,8 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
             )
     if teacher_model is not None:
         check_compatible(teacher_model, student, tokenizer, tokenizer)
+        if model_cfg.teacher_cache:  # a hidden-state cache: keep the output head, drop the body
+            teacher_model = HeadOnlyTeacher(teacher_model)
     return tokenizer, student, teacher_model
 
 
