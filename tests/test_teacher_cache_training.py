@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
+import yaml
 from engine_helpers import configs
 
 import okd.models
@@ -192,11 +194,29 @@ def test_resume_checks_the_cache(tiny_setting, caches, tmp_path):
     with pytest.raises(ValueError, match="cannot resume .*teacher_cache.manifest_fingerprint"):
         Distiller(output_dir=str(tmp_path / "run"), resume=True, **fields(cache, 6))
     _build(tiny_setting, tmp_path / "cache2", top_k=8)  # the original settings again
-    import shutil
-
     shutil.rmtree(cache)
     shutil.move(str(tmp_path / "cache2"), cache)
     resumed = Distiller(output_dir=str(tmp_path / "run"), resume=True, **fields(cache, 6))
     assert resumed.step == 2
     resumed.train()
     assert resumed.step == 6
+
+
+def test_the_commands_of_the_readme(tiny_setting, tmp_path, monkeypatch):
+    """`okd teacher cache ...` then `okd distill --model.teacher_cache DIR ...`, as README shows them."""
+    from okd.cli import main
+
+    s = tiny_setting
+    cache = tmp_path / "cache"
+    main(["teacher", "cache", "--teacher", s["teacher"], "--tokenizer", s["tokenizer"], "--data", s["train"], "--out", str(cache),
+          "--top-k", "16", "--max-length", "48", "--progress", "false"])
+    _no_teacher_loads(monkeypatch, s)
+    out = tmp_path / "run"
+    main(["distill", "--model.teacher", s["teacher"], "--model.tokenizer", s["tokenizer"], "--model.student_size", "nano",
+          "--model.teacher_cache", str(cache), "--data.train_file", s["train"], "--data.validation_file", s["validation"],
+          "--data.max_length", "48", "--data.max_validation_examples", "8", "--train.max_steps", "2", "--train.batch_size", "4",
+          "--output-dir", str(out), "--progress", "false"])
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert saved["model"]["teacher_cache"] == str(cache) and saved["teacher_cache"]["path"] == str(cache)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and "validation_ce" in last and "kd" in last
