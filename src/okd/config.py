@@ -93,6 +93,10 @@ class ModelConfig:
     """Train the student as a LoRA adapter (peft) instead of in full; only the adapter's parameters
     train. The run saves the adapter (student_adapter/) and the merged student (student/). Empty:
     full fine-tuning."""
+    teacher_cache: Optional[str] = None
+    """Train from cached teacher outputs (a directory written by `okd teacher cache`) instead of running
+    the teacher. store=topk: the teacher is never loaded; store=hidden: only its output head (OKD with
+    online.kind=adapter). Ground-truth data only; validation then logs validation_ce only."""
 
 
 @dataclass

@@ -54,6 +54,7 @@ from okd.sources import SourceSetup, build_source
 from okd.teacher import Teacher
 
 from . import checkpoint as ckpt
+from .cached import cache_identity, cached_forward_losses, check_cache_config, open_teacher_cache
 from .distributed import Processes, TokenCount, local_tokens, make_accelerator, peak_memory_mb
 from .setup import check_output_dir, clear_output_dir, load_datasets, load_models
 from .signals import StopOnSignal
@@ -113,6 +114,7 @@ class Distiller:
         self.accelerator = accelerator = make_accelerator(train, self.output)
         self.processes = Processes(accelerator)
         check_output_dir(self.output, config.overwrite, config.resume)
+        check_cache_config(config, self.method)
         set_seed(train.seed)
 
         self.tokenizer, student, teacher_model = load_models(config.model, self.method, train, config.data.max_length)
@@ -120,6 +122,8 @@ class Distiller:
         if teacher_model is not None and self.method.needs_teacher_logits:
             self.teacher = Teacher(teacher_model, self.online_config, seed=train.seed).to(accelerator.device)
         self.train_set, self.validation_set = load_datasets(config.data, self.tokenizer)
+        # model.teacher_cache: the teacher's outputs are read from disk (okd.training.cached); every process opens it.
+        self.teacher_cache = open_teacher_cache(config, self.method, self.tokenizer, student, self.train_set)
         self.collator = Collator(pad_token_id=self.tokenizer.pad_token_id)
         setup = SourceSetup(
             dataset=self.train_set, collator=self.collator, tokenizer=self.tokenizer, student=student,
@@ -139,6 +143,8 @@ class Distiller:
         accelerator.wait_for_everyone()
 
         self.run_config = config.run_config(accelerator.num_processes)
+        if self.teacher_cache is not None:  # --resume refuses another cache (or a rebuilt one)
+            self.run_config["teacher_cache"] = cache_identity(self.teacher_cache)
         resume_from = ckpt.latest_checkpoint(self.output) if config.resume else None
         resume_meta = ckpt.read_meta(resume_from) if resume_from is not None else None
         if resume_meta is not None and "run_config" in resume_meta:  # older checkpoints carry no config
@@ -229,6 +235,8 @@ class Distiller:
     def forward_losses(self, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
         """One forward of the student and the teacher on ``batch``, and the step's loss terms (with
         graphs: the student's loss, and on update steps the online module's)."""
+        if self.teacher_cache is not None:
+            return cached_forward_losses(self, batch, update_module)
         with self.accelerator.autocast():
             if self.minillm_loss is not None:  # MiniLLM's policy-gradient objective (okd.objectives)
                 return self.minillm_loss(self.student, self.teacher, batch)
@@ -373,7 +381,9 @@ class Distiller:
     def validate(self) -> dict:
         """Held-out metrics; the validation CE also drives DistiLLM's adaptive source."""
         metrics = validation_metrics(
-            self.accelerator.unwrap_model(self.student), self.teacher, self.validation_set, self.collator,
+            # The validation split is not in the teacher cache: with one, only validation_ce is logged.
+            self.accelerator.unwrap_model(self.student), self.teacher if self.teacher_cache is None else None,
+            self.validation_set, self.collator,
             self.loss_fn, self.config.eval.batch_size, self.accelerator.device,
         )
         self.student.train()

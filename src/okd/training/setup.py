@@ -27,6 +27,8 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
         saved_tokenizer,
     )
 
+    from .cached import HeadOnlyTeacher, cache_store
+
     tokenizer_source = model_cfg.tokenizer or model_cfg.teacher or model_cfg.student
     if not tokenizer_source:
         raise ValueError("set model.teacher (or model.tokenizer / model.student)")
@@ -34,7 +36,8 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
     ensure_pad_token(tokenizer)
 
     teacher_model = None
-    if method.uses_teacher:
+    # A top-k teacher cache replaces the teacher (okd.training.cached): its weights are never loaded.
+    if method.uses_teacher and not (model_cfg.teacher_cache and cache_store(model_cfg.teacher_cache) == "topk"):
         if not model_cfg.teacher:
             raise ValueError(f"method {method.name!r} needs a teacher: set model.teacher")
         teacher_dtype = model_cfg.teacher_dtype or model_cfg.dtype
@@ -63,6 +66,8 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
             )
     if teacher_model is not None:
         check_compatible(teacher_model, student, tokenizer, tokenizer)
+        if model_cfg.teacher_cache:  # a hidden-state cache: keep the output head, drop the body
+            teacher_model = HeadOnlyTeacher(teacher_model)
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     if model_cfg.student_lora is not None:
