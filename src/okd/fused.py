@@ -60,12 +60,22 @@ from torch import Tensor
 
 from okd.divergences import get_divergence
 
-__all__ = ["FusedLinearDistillationLoss", "FusedLosses", "fused_linear_distillation"]
+__all__ = ["FusedLinearDistillationLoss", "FusedLosses", "budget_chunk_tokens", "fused_linear_distillation"]
 
 # 16 tokens keep one chunk's ~dozen [c, V] float32 temporaries near 0.05x of one [8192, V] logits tensor,
 # so that loss + gradients stay under 0.15x (benchmarks/fused_memory.py); larger chunks are faster on CPU
 # (the head weight is read fewer times) and cost memory in proportion.
 DEFAULT_CHUNK_TOKENS = 16
+
+
+def budget_chunk_tokens(hidden_size: int, budget: float = 0.15, reference_tokens: int = 8192, temporaries: int = 24) -> int:
+    """The largest chunk that keeps loss + gradients within ``budget`` x one fp32 ``[reference_tokens, V]``
+    logits tensor, whatever ``V``: everything scales with ``V``, so in units of ``V`` float32 values the
+    budget is ``budget * reference_tokens``, of which the ``W_s`` gradient buffer takes ``hidden_size`` and
+    each chunk token about ``temporaries`` (the chunk's ``[c, V]`` float32 temporaries and their
+    gradients; 24 fits benchmarks/fused_memory.py's measurement at chunk 16). At least 16; larger
+    chunks read the head weights fewer times, i.e. run faster. ``budget_chunk_tokens(576)`` = 27."""
+    return max(16, int((budget * reference_tokens - hidden_size) // temporaries))
 
 
 @dataclass
