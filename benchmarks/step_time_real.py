@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--student-layers", type=int, default=10)
+    parser.add_argument("--max-examples", type=int, default=400, help="training examples loaded (setup time)")
     parser.add_argument("--methods", default="kd,okd")
     parser.add_argument("--heads", default="full,positions,fused")
     parser.add_argument("--out", default=str(ROOT / "results" / "step_time_real.json"))
@@ -75,7 +76,8 @@ def main() -> None:
                 model=ModelConfig(teacher=str(teacher), student=str(student)),
                 method=MethodConfig(name=method),
                 online=online,
-                data=DataConfig(train_file=str(paths["train"]), validation_file=None, max_length=args.max_length),
+                data=DataConfig(train_file=str(paths["train"]), validation_file=None, max_length=args.max_length,
+                                max_train_examples=args.max_examples),
                 train=dataclasses.replace(
                     TrainConfig(max_steps=args.warmup + args.steps, batch_size=args.batch_size, log_every=10**9), **HEADS[heads]
                 ),

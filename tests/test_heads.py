@@ -33,7 +33,7 @@ def run(setting, tmp_path, mode, method, online=None, steps=3, sampling=None, **
     return distiller, records
 
 
-def assert_same_run(a, b, terms=("loss", "ce", "kd", "module_loss", "module_ce", "module_divergence")):
+def assert_same_run(a, b, terms=("loss", "ce", "kd", "module_loss", "module_ce", "module_divergence", "module_accuracy", "module_kl_from_frozen")):
     (da, ra), (db, rb) = a, b
     assert len(ra) == len(rb) > 0
     for x, y in zip(ra, rb):

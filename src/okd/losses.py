@@ -167,11 +167,11 @@ def fused_unsupported(method: ResolvedMethod, online: OnlineModuleConfig | None,
 
 
 def fused_step_losses(fused) -> StepLosses:
-    """``okd.fused.FusedLosses`` as the loop's ``StepLosses`` (the adapted teacher's accuracy and
-    KL-from-frozen diagnostics are not computed by the fused path)."""
+    """``okd.fused.FusedLosses`` as the loop's ``StepLosses``."""
     return StepLosses(
-        loss=fused.loss, ce=fused.ce, kd=fused.kd, module_loss=fused.module_loss,
-        module_ce=fused.module_ce, module_divergence=fused.module_divergence,
+        loss=fused.loss, ce=fused.ce, kd=fused.kd, module_loss=fused.module_loss, module_ce=fused.module_ce,
+        module_divergence=fused.module_divergence, module_kl_from_frozen=fused.module_kl_from_frozen,
+        module_accuracy=fused.module_accuracy,
     )
 
 

@@ -226,7 +226,7 @@ class Distiller:
                 return fused_step_losses(self.fused_fn(
                     student_hidden, student_head.weight, teacher_hidden, getattr(teacher_head, "weight", None),
                     targets, student_bias=student_head.bias, teacher_bias=getattr(teacher_head, "bias", None),
-                    update_module=update_module,
+                    teacher_frozen_hidden=frozen_hidden, update_module=update_module,
                 ))
             teacher_logits = self.teacher.head(teacher_hidden) if self.teacher is not None else None
             with torch.no_grad():
