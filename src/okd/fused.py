@@ -68,14 +68,15 @@ __all__ = ["FusedLinearDistillationLoss", "FusedLosses", "budget_chunk_tokens", 
 DEFAULT_CHUNK_TOKENS = 16
 
 
-def budget_chunk_tokens(hidden_size: int, budget: float = 0.15, reference_tokens: int = 8192, temporaries: int = 24) -> int:
+def budget_chunk_tokens(hidden_size: int, budget: float = 0.15, reference_tokens: int = 8192) -> int:
     """The largest chunk that keeps loss + gradients within ``budget`` x one fp32 ``[reference_tokens, V]``
-    logits tensor, whatever ``V``: everything scales with ``V``, so in units of ``V`` float32 values the
-    budget is ``budget * reference_tokens``, of which the ``W_s`` gradient buffer takes ``hidden_size`` and
-    each chunk token about ``temporaries`` (the chunk's ``[c, V]`` float32 temporaries and their
-    gradients; 24 fits benchmarks/fused_memory.py's measurement at chunk 16). At least 16; larger
-    chunks read the head weights fewer times, i.e. run faster. ``budget_chunk_tokens(576)`` = 27."""
-    return max(16, int((budget * reference_tokens - hidden_size) // temporaries))
+    logits tensor. In units of one ``[V]`` float32 row the budget is ``budget * reference_tokens``; the
+    fixed part (the ``W_s`` gradient ``[V, d]``, the hidden-state gradients, allocator slack) takes about
+    ``4/3 * hidden_size`` rows and each chunk token about 20, 21 with a margin (its ``[c, V]`` float32 temporaries and their
+    gradients): both fitted to ``benchmarks/fused_memory.py`` at V = 49,152, d = 576 (chunk 16: 0.134x,
+    chunk 27: 0.161x). At least 16 tokens; larger chunks read the head weights fewer times (faster) and
+    cost memory in proportion. ``budget_chunk_tokens(576)`` = 21 (predicted 0.146x)."""
+    return max(16, int((budget * reference_tokens - 4 * hidden_size / 3) // 21))
 
 
 @dataclass
