@@ -484,7 +484,7 @@ def test_loss_object_from_method_config():
     for field in ("loss", "ce", "kd", "module_loss", "module_ce", "module_divergence"):
         assert float(getattr(with_module, field)) == float(getattr(direct, field))
     assert float(without.loss) == float(direct.loss)
-    assert set(with_module.as_floats()) == {"loss", "ce", "kd", "module_loss", "module_ce", "module_divergence"}
+    assert set(with_module.as_floats()) == {"loss", "ce", "kd", "module_loss", "module_ce", "module_divergence", "module_accuracy"}
     with pytest.raises(ValueError, match="has no parameter"):
         FusedLinearDistillationLoss("jsd", {"alpha": 0.1})
     assert math.isfinite(float(direct.loss))

@@ -370,6 +370,19 @@ class TrainConfig:
     """Clip the student's gradient norm to this value; empty for no clipping."""
     divergence_chunk_tokens: int = 1024
     """Tokens per chunk when computing divergences (bounds the memory of vocab-sized temporaries)."""
+    loss_positions_only: bool = True
+    """Run both output heads only where a loss is taken (positions whose next-token target is not -100):
+    the base models' final hidden states are gathered there and the heads applied to those. Same losses
+    and gradients; much less head compute on instruction data. Models whose logits are not
+    head(hidden) (non-HF, soft-capped or scaled logits) take full logits (okd.heads)."""
+    fused_loss: bool = True
+    """Compute the loss from hidden states and head weights chunk by chunk (okd.fused): no [tokens, vocab]
+    logits tensor ever exists. Used when loss_positions_only is on and the run fits it: Hugging Face
+    heads without logit post-processing, and no online module or the adapter with online.divergence
+    'same' and no anchor_weight / teacher_mix; otherwise the dense path runs (one info line says why)."""
+    fused_chunk_tokens: Optional[int] = None
+    """Loss tokens per chunk of the fused loss; empty: the largest chunk within 0.15x of one fp32
+    [8192, vocab] logits tensor (okd.fused.budget_chunk_tokens: 21 for hidden size 576)."""
     seed: int = 0
     """Seed for initialisation, data order and sampling."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

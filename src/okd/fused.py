@@ -60,12 +60,23 @@ from torch import Tensor
 
 from okd.divergences import get_divergence
 
-__all__ = ["FusedLinearDistillationLoss", "FusedLosses", "fused_linear_distillation"]
+__all__ = ["FusedLinearDistillationLoss", "FusedLosses", "budget_chunk_tokens", "fused_linear_distillation"]
 
 # 16 tokens keep one chunk's ~dozen [c, V] float32 temporaries near 0.05x of one [8192, V] logits tensor,
 # so that loss + gradients stay under 0.15x (benchmarks/fused_memory.py); larger chunks are faster on CPU
 # (the head weight is read fewer times) and cost memory in proportion.
 DEFAULT_CHUNK_TOKENS = 16
+
+
+def budget_chunk_tokens(hidden_size: int, budget: float = 0.15, reference_tokens: int = 8192) -> int:
+    """The largest chunk that keeps loss + gradients within ``budget`` x one fp32 ``[reference_tokens, V]``
+    logits tensor. In units of one ``[V]`` float32 row the budget is ``budget * reference_tokens``; the
+    fixed part (the ``W_s`` gradient ``[V, d]``, the hidden-state gradients, allocator slack) takes about
+    ``4/3 * hidden_size`` rows and each chunk token about 20, 21 with a margin (its ``[c, V]`` float32 temporaries and their
+    gradients): both fitted to ``benchmarks/fused_memory.py`` at V = 49,152, d = 576 (chunk 16: 0.134x,
+    chunk 27: 0.161x). At least 16 tokens; larger chunks read the head weights fewer times (faster) and
+    cost memory in proportion. ``budget_chunk_tokens(576)`` = 21 (predicted 0.146x)."""
+    return max(16, int((budget * reference_tokens - 4 * hidden_size / 3) // 21))
 
 
 @dataclass
@@ -84,6 +95,8 @@ class FusedLosses:
     module_loss: Optional[Tensor] = None
     module_ce: Optional[Tensor] = None
     module_divergence: Optional[Tensor] = None
+    module_accuracy: Optional[Tensor] = None  # top-1 accuracy of the (adapted) teacher on the targets
+    module_kl_from_frozen: Optional[Tensor] = None  # KL(p_0 || p_phi) when teacher_frozen_hidden was given
 
     def as_floats(self) -> dict[str, float]:
         return {
@@ -112,6 +125,8 @@ class _Plan:
     need_w_s: bool
     need_b_s: bool
     need_h_t: bool
+    frozen_hidden: Optional[Tensor] = None  # [N, d_t] the frozen teacher's hidden states (diagnostic KL only)
+    kl_sum: Optional[Callable[..., Tensor]] = None  # forward KL at temperature 1, reduction "sum"
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -125,7 +140,8 @@ def _ce_sum(logits: Tensor, targets: Tensor) -> Tensor:
 
 class _FusedLinearDistillation(torch.autograd.Function):
     """forward(h_s [N, d_s], W_s [V_s, d_s], b_s [V_s] | None, h_t [N, d_t] | None, W_t [V_t, d_t] | None,
-    b_t [V_t] | None, plan) -> (loss, module_loss, stats [4] = (ce, kd, module_ce, module_div) means).
+    b_t [V_t] | None, plan) -> (loss, module_loss, stats [6] = (ce, kd, module_ce, module_div, module
+    accuracy, module KL from frozen) means).
 
     The gradients of ``loss`` w.r.t. h_s, W_s, b_s and of ``module_loss`` w.r.t. h_t are computed
     chunk by chunk inside forward and stored in buffers; backward scales them.
@@ -148,7 +164,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
             w_t_used = w_t[: plan.teacher_rows]  # the padding cut: a view, no copy
             b_t_used = None if b_t is None else b_t[: plan.teacher_rows]
         v_s = w_s.shape[0]
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # ce, kd, module_ce, module_div
+        sums = torch.zeros(6, dtype=torch.float64, device=device)  # ce, kd, module_ce, module_div, accuracy, kl_frozen
 
         for start in range(0, m, plan.chunk_tokens):
             stop = min(start + plan.chunk_tokens, m)
@@ -210,6 +226,14 @@ class _FusedLinearDistillation(torch.autograd.Function):
                     if mce is not None:
                         sums[2] += mce.detach().double()
                     sums[3] += mdiv.detach().double()
+                    if y is not None:
+                        sums[4] += (t.detach().argmax(-1) == y).sum().double()
+                    if plan.frozen_hidden is not None:  # diagnostic KL(p_0 || p_phi), no graph
+                        with torch.no_grad():
+                            fh = plan.frozen_hidden[start:stop] if plan.rows is None else plan.frozen_hidden.index_select(0, idx)
+                            f = _logits(fh, w_t_used, b_t_used)
+                            sums[5] += plan.kl_sum(f, t.detach()).double()
+                            del f
                     g_t = None
                     if plan.need_h_t:
                         objective = plan.module_student_weight * inv_m * mdiv
@@ -228,7 +252,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
             del s, t  # free the chunk's logits before the next chunk
 
         means = (sums * inv_m).float()
-        ce_mean, kd_mean, mce_mean, mdiv_mean = means.unbind()
+        ce_mean, kd_mean, mce_mean, mdiv_mean, _, _ = means.unbind()
         loss = (1.0 - plan.kd_ratio) * ce_mean if plan.targets is not None else torch.zeros((), device=device)
         if plan.use_kd:
             loss = kd_mean if plan.kd_ratio == 1 else loss + plan.kd_ratio * kd_mean
@@ -279,6 +303,7 @@ def fused_linear_distillation(
     *,
     student_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
+    teacher_frozen_hidden: Optional[Tensor] = None,
     divergence: str = "forward_kl",
     divergence_params: Optional[dict] = None,
     kd_ratio: float = 1.0,
@@ -303,6 +328,9 @@ def fused_linear_distillation(
             CE: ``kd_ratio`` must be 1 and ``module_ce_weight`` 0).
         mask: ``[...]`` bool or 0/1, True = the token counts; None = all count.
         student_bias, teacher_bias: ``[V_s]`` / ``[V_t]`` head biases, or None.
+        teacher_frozen_hidden: ``[..., d_t]`` the frozen teacher's hidden states (before the OKD
+            adapter), or None: with a module loss, reports ``module_kl_from_frozen`` = KL(p_0 || p_phi)
+            at temperature 1 (a diagnostic without gradient; one more teacher-head matmul per chunk).
         divergence, divergence_params: a name of ``okd.divergences.DIVERGENCES`` and its parameters
             (``{"beta": 0.5, "scaled": False}`` for ``"jsd"``, ``{"alpha": ...}``, ``{"mu": ...}``).
         kd_ratio: in ``[0, 1]``; the student's loss is ``(1 - kd_ratio) CE + kd_ratio D``.
@@ -428,11 +456,13 @@ def fused_linear_distillation(
         need_w_s=grad and student_weight.requires_grad,
         need_b_s=grad and student_bias is not None and student_bias.requires_grad,
         need_h_t=need_h_t,
+        frozen_hidden=None if (teacher_frozen_hidden is None or not module) else teacher_frozen_hidden.reshape(n, -1).detach(),
+        kl_sum=get_divergence("forward_kl", reduction="sum", chunk_tokens=chunk_tokens) if module else None,
     )
     loss, module_loss, means = _FusedLinearDistillation.apply(
         h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, plan
     )
-    ce, kd, module_ce, module_div = means.unbind()
+    ce, kd, module_ce, module_div, module_accuracy, module_kl = means.unbind()
     return FusedLosses(
         loss=loss,
         ce=ce if targets is not None else None,
@@ -440,6 +470,8 @@ def fused_linear_distillation(
         module_loss=module_loss if module else None,
         module_ce=module_ce if module and targets is not None else None,
         module_divergence=module_div if module else None,
+        module_accuracy=module_accuracy if module and targets is not None else None,
+        module_kl_from_frozen=module_kl if module and teacher_frozen_hidden is not None else None,
     )
 
 
@@ -504,6 +536,7 @@ class FusedLinearDistillationLoss:
         *,
         student_bias: Optional[Tensor] = None,
         teacher_bias: Optional[Tensor] = None,
+        teacher_frozen_hidden: Optional[Tensor] = None,
         update_module: bool = False,
     ) -> FusedLosses:
         module = update_module and self.module_ce_weight is not None
@@ -516,6 +549,7 @@ class FusedLinearDistillationLoss:
             mask,
             student_bias=student_bias,
             teacher_bias=teacher_bias,
+            teacher_frozen_hidden=teacher_frozen_hidden,
             divergence=self.divergence,
             divergence_params=self.divergence_params,
             kd_ratio=self.kd_ratio,

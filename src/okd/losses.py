@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "DistillationLoss", "StepLosses", "cross_entropy", "first_nonfinite", "next_token_targets"]
+__all__ = ["IGNORE_INDEX", "DistillationLoss", "StepLosses", "cross_entropy", "first_nonfinite", "fused_step_losses", "fused_unsupported", "next_token_targets"]
 
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,12 +107,19 @@ class DistillationLoss:
         self,
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor | None,
-        labels: torch.Tensor,
+        labels: torch.Tensor | None,
         update_module: bool = False,
         frozen_logits: torch.Tensor | None = None,
         step: int = 0,
+        *,
+        targets: torch.Tensor | None = None,
     ) -> StepLosses:
-        targets, mask = next_token_targets(labels)
+        """Logits ``[B, T, V]`` with ``labels`` ``[B, T]``, or logits at the loss positions only,
+        ``[N, V]``, with their next-token ``targets`` ``[N]`` (``labels=None``; ``okd.heads``)."""
+        if targets is None:
+            targets, mask = next_token_targets(labels)
+        else:
+            mask = targets != IGNORE_INDEX
         ratio = self.method.kd_ratio
         # With kd_ratio = 1 the student's CE is only logged: compute it without a graph.
         with torch.set_grad_enabled(torch.is_grad_enabled() and (ratio < 1 or teacher_logits is None)):
@@ -131,6 +138,41 @@ class DistillationLoss:
             losses.module_loss, losses.module_ce, losses.module_divergence = module.loss, module.ce, module.divergence
             losses.module_kl_from_frozen, losses.module_accuracy = module.anchor, module.accuracy
         return losses
+
+
+def fused_unsupported(method: ResolvedMethod, online: OnlineModuleConfig | None, student, teacher) -> str | None:
+    """Why ``train.fused_loss`` falls back to the dense path for this run (None: it does not).
+
+    The fused loss (``okd.fused``) covers the student's ``(1 - kd_ratio) CE + kd_ratio D`` and OKD's
+    module loss ``ce_weight CE + student_weight D(student -> teacher)`` with the method's own
+    divergence, through the adapter or with no module; both models must have plain heads
+    (``okd.heads.head_on_positions_supported``).
+    """
+    from okd.heads import head_on_positions_supported
+
+    if not head_on_positions_supported(student):
+        return "the student's logits are not head(hidden) (not a Hugging Face causal LM, or post-processed)"
+    if teacher is not None and not teacher.supports_positions:
+        return "the teacher's logits are post-processed (soft-capping, logit scale)"
+    if online is not None:
+        if online.kind != "adapter":
+            return f"online.kind={online.kind} (the fused loss takes the module's gradient through the adapter only)"
+        if online.anchor_weight > 0 or online.teacher_mix > 0:
+            return "online.anchor_weight / online.teacher_mix need the frozen teacher's logits"
+        if online.divergence not in ("same", method.divergence) or (
+            online.divergence != "same" and dict(online.divergence_params or {}) != dict(method.divergence_params or {})
+        ):
+            return "online.divergence differs from the method's divergence"
+    return None
+
+
+def fused_step_losses(fused) -> StepLosses:
+    """``okd.fused.FusedLosses`` as the loop's ``StepLosses``."""
+    return StepLosses(
+        loss=fused.loss, ce=fused.ce, kd=fused.kd, module_loss=fused.module_loss, module_ce=fused.module_ce,
+        module_divergence=fused.module_divergence, module_kl_from_frozen=fused.module_kl_from_frozen,
+        module_accuracy=fused.module_accuracy,
+    )
 
 
 def first_nonfinite(losses: StepLosses) -> str | None:

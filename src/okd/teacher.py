@@ -99,6 +99,33 @@ class Teacher(nn.Module):
             input_ids, attention_mask, track_grad=track_module_grad, need_frozen=need_frozen
         )
 
+    # -- the same at the loss positions only (okd.heads) ---------------------------------------
+    @property
+    def head(self) -> nn.Module:
+        """The frozen output head (its input: the hidden states of :meth:`hidden_and_frozen`)."""
+        return self.module.head()
+
+    @property
+    def supports_positions(self) -> bool:
+        """Whether the teacher's logits are ``head(hidden)`` (``okd.heads.head_on_positions_supported``)."""
+        return self.module.supports_positions()
+
+    def hidden_and_frozen(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        rows: torch.Tensor,
+        *,
+        track_module_grad: bool = False,
+        need_frozen: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(adapted, frozen)`` hidden states ``[N, d]`` at the flat positions ``rows`` (into
+        ``batch * seq``): ``self.head`` of them are :meth:`adapted_and_frozen`'s logits there. For the
+        adapter, ``adapted`` is the hidden state after the adapter (what the fused loss takes)."""
+        return self.module.hidden_with_frozen(
+            input_ids, attention_mask, rows, track_grad=track_module_grad, need_frozen=need_frozen
+        )
+
     # -- saving -------------------------------------------------------------------------------
     def save_module(self, directory: str | Path) -> None:
         """Write the online module (not the frozen teacher) to ``directory``."""

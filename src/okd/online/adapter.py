@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from okd.heads import final_hidden_at, logit_postprocessing
 from okd.online.base import OnlineModule, register_online_module
 
 if TYPE_CHECKING:
@@ -43,13 +44,11 @@ class ResidualAdapter(nn.Module):
 
 def check_adapter_supported(model: nn.Module) -> None:
     """The adapter recomputes logits as ``lm_head(last_hidden_state)``; refuse models that post-process."""
-    config = model.config
-    for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(config, attribute, None) not in (None, 1, 1.0):
-            raise ValueError(
-                f"online module kind 'adapter' does not support {type(model).__name__} "
-                f"({attribute}={getattr(config, attribute)}); use online.kind=lora"
-            )
+    postprocessing = logit_postprocessing(model)
+    if postprocessing is not None:
+        raise ValueError(
+            f"online module kind 'adapter' does not support {type(model).__name__} ({postprocessing}); use online.kind=lora"
+        )
 
 
 @register_online_module
@@ -80,6 +79,14 @@ class AdapterModule(OnlineModule):
             frozen = head(hidden) if (need_frozen or track_grad) else None
         with torch.set_grad_enabled(track_grad):
             return head(self.adapter(hidden)), frozen
+
+    def hidden_with_frozen(self, input_ids, attention_mask, rows, *, track_grad: bool, need_frozen: bool):
+        """The same at ``rows`` (the adapter acts per token, so gathering first changes nothing)."""
+        with torch.no_grad():
+            hidden = final_hidden_at(self.model, input_ids, attention_mask, rows)
+        with torch.set_grad_enabled(track_grad):
+            adapted = self.adapter(hidden)
+        return adapted, hidden if (need_frozen or track_grad) else None
 
     @torch.no_grad()
     def frozen_forward(self, input_ids, attention_mask) -> torch.Tensor:

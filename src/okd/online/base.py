@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from okd.heads import final_hidden_at, head_on_positions_supported
+
 if TYPE_CHECKING:  # okd.config may import this package to validate online.kind: no runtime import back
     from okd.config import OnlineModuleConfig
 
@@ -69,6 +71,34 @@ class OnlineModule(nn.Module):
     def frozen_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits of the frozen teacher with the module switched off (no graph)."""
         raise NotImplementedError(f"online module kind {self.kind!r} cannot switch itself off (frozen_forward)")
+
+    # -- the same at the loss positions only (okd.heads) -------------------------------------------
+    def hf_model(self) -> nn.Module:
+        """The plain Hugging Face model under any wrapper (what :func:`okd.heads.head_on_positions_supported` checks)."""
+        return self.model
+
+    def head(self) -> nn.Module:
+        """The frozen output head: ``logits = head(hidden)`` for the hidden states of :meth:`hidden_with_frozen`."""
+        return self.hf_model().get_output_embeddings()
+
+    def supports_positions(self) -> bool:
+        return head_on_positions_supported(self.hf_model())
+
+    def hidden_with_frozen(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: torch.Tensor, *, track_grad: bool,
+        need_frozen: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(adapted, frozen)`` hidden states ``[N, d]`` at the flat positions ``rows``, the inputs of
+        :meth:`head`: ``head(adapted)`` and ``head(frozen)`` are :meth:`forward_with_frozen`'s logits at
+        those positions. Default: the model's final hidden state (a graph to the module when
+        ``track_grad``), and :meth:`frozen_hidden_at` when ``need_frozen``."""
+        with torch.set_grad_enabled(track_grad):
+            adapted = final_hidden_at(self.model, input_ids, attention_mask, rows)
+        return adapted, self.frozen_hidden_at(input_ids, attention_mask, rows) if need_frozen else None
+
+    def frozen_hidden_at(self, input_ids, attention_mask, rows: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's final hidden states at ``rows`` (no graph)."""
+        raise NotImplementedError(f"online module kind {self.kind!r} cannot switch itself off (frozen_hidden_at)")
 
     # -- parameters and state -------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -129,6 +159,11 @@ class NoOnlineModule(OnlineModule):
 
     def frozen_forward(self, input_ids, attention_mask) -> torch.Tensor:
         return self.forward(input_ids, attention_mask, track_grad=False)
+
+    def hidden_with_frozen(self, input_ids, attention_mask, rows, *, track_grad: bool, need_frozen: bool):
+        with torch.no_grad():
+            hidden = final_hidden_at(self.model, input_ids, attention_mask, rows)
+        return hidden, hidden if need_frozen else None
 
     def save(self, directory: Path) -> None:
         pass  # nothing trainable to save

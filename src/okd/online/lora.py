@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from okd.heads import final_hidden_at
 from okd.online.base import OnlineModule, register_online_module
 
 if TYPE_CHECKING:
@@ -55,6 +56,14 @@ class LoraModule(OnlineModule):
         step that needs them with this kind."""
         with self.model.disable_adapter():
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def hf_model(self) -> nn.Module:
+        return self.model.get_base_model()
+
+    @torch.no_grad()
+    def frozen_hidden_at(self, input_ids, attention_mask, rows):
+        with self.model.disable_adapter():
+            return final_hidden_at(self.model, input_ids, attention_mask, rows)
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: tensor for name, tensor in self.model.state_dict().items() if "lora_" not in name}

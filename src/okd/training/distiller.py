@@ -46,7 +46,9 @@ from okd.config import (
     TrainConfig,
 )
 from okd.io import write_json, write_text
-from okd.losses import DistillationLoss, StepLosses, first_nonfinite
+from okd.fused import FusedLinearDistillationLoss, budget_chunk_tokens
+from okd.heads import final_hidden_at, head_on_positions_supported, loss_positions
+from okd.losses import DistillationLoss, StepLosses, first_nonfinite, fused_step_losses, fused_unsupported
 from okd.minillm import MiniLLMConfig
 from okd.objectives import MiniLLMObjective
 from okd.online.objective import ModuleSchedule, module_updates_at
@@ -167,6 +169,7 @@ class Distiller:
             self.module_schedule = ModuleSchedule(self.online_config, self.schedule_horizon)
         self.loss_fn = DistillationLoss(self.method, self.online_config, train.divergence_chunk_tokens, self.schedule_horizon)
         self.minillm_loss = MiniLLMObjective(config.minillm) if self.method.objective == "minillm" else None
+        self.heads = self._choose_heads()  # "full" logits, loss "positions" only, or "fused" (okd.heads, okd.fused)
         self.step = 0
         self.train_seconds = 0.0  # of finished train() calls; ``elapsed()`` adds the running one
         self._running_since: float | None = None
@@ -234,26 +237,76 @@ class Distiller:
 
     def forward_losses(self, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
         """One forward of the student and the teacher on ``batch``, and the step's loss terms (with
-        graphs: the student's loss, and on update steps the online module's)."""
-        if self.teacher_cache is not None:
+        graphs: the student's loss, and on update steps the online module's).
+
+        ``self.heads`` says where the output heads run: over every position (``full``), or only at
+        the N loss positions (``positions``: logits ``[N, V]``; ``fused``: hidden states ``[N, d]`` and
+        head weights go to ``okd.fused``, no logits tensor at all). All three give the same losses.
+        """
+        if self.teacher_cache is not None:  # the teacher's outputs come from disk (okd.training.cached)
             return cached_forward_losses(self, batch, update_module)
-        with self.accelerator.autocast():
-            if self.minillm_loss is not None:  # MiniLLM's policy-gradient objective (okd.objectives)
+        if self.minillm_loss is not None:  # MiniLLM's policy-gradient objective (okd.objectives)
+            with self.accelerator.autocast():
                 return self.minillm_loss(self.student, self.teacher, batch)
-            student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            teacher_logits = frozen_logits = None
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        objective = self.loss_fn.objective
+        # The frozen teacher: for the anchor / teacher_mix, and (free for the adapter) for the
+        # module's KL-from-frozen diagnostic on update steps.
+        need_frozen = objective is not None and objective.needs_frozen(update_module)
+        with self.accelerator.autocast():
+            if self.heads == "full":
+                student_logits = self.student(input_ids=ids, attention_mask=attention).logits
+                teacher_logits = frozen_logits = None
+                if self.teacher is not None:
+                    teacher_logits, frozen_logits = self.teacher.adapted_and_frozen(
+                        ids, attention, track_module_grad=update_module, need_frozen=need_frozen
+                    )
+                return self.loss_fn(student_logits, teacher_logits, batch["labels"], update_module, frozen_logits, self.step)
+
+            rows, targets = loss_positions(batch["labels"])  # [N] flat positions, their next tokens
+            student_hidden = final_hidden_at(self.student, ids, attention, rows)  # [N, d_s]
+            student_head = self.accelerator.unwrap_model(self.student).get_output_embeddings()
+            teacher_hidden = frozen_hidden = None
             if self.teacher is not None:
-                # The frozen teacher's logits: for the anchor / teacher_mix, and (free for the adapter)
-                # for the module's KL-from-frozen diagnostic on update steps.
-                objective = self.loss_fn.objective
-                teacher_logits, frozen_logits = self.teacher.adapted_and_frozen(
-                    batch["input_ids"], batch["attention_mask"], track_module_grad=update_module,
-                    need_frozen=objective is not None and objective.needs_frozen(update_module),
+                teacher_hidden, frozen_hidden = self.teacher.hidden_and_frozen(
+                    ids, attention, rows, track_module_grad=update_module, need_frozen=need_frozen
                 )
+            if self.heads == "fused":
+                teacher_head = self.teacher.head if self.teacher is not None else None
+                return fused_step_losses(self.fused_fn(
+                    student_hidden, student_head.weight, teacher_hidden, getattr(teacher_head, "weight", None),
+                    targets, student_bias=student_head.bias, teacher_bias=getattr(teacher_head, "bias", None),
+                    teacher_frozen_hidden=frozen_hidden, update_module=update_module,
+                ))
+            teacher_logits = self.teacher.head(teacher_hidden) if self.teacher is not None else None
+            with torch.no_grad():
+                frozen_logits = self.teacher.head(frozen_hidden) if frozen_hidden is not None else None
             return self.loss_fn(
-                student_logits, teacher_logits, batch["labels"], update_module=update_module,
-                frozen_logits=frozen_logits, step=self.step,
+                student_head(student_hidden), teacher_logits, None, update_module, frozen_logits, self.step, targets=targets
             )
+
+    def _choose_heads(self) -> str:
+        """``full``, ``positions`` or ``fused`` for ``self.heads`` (the rule: ``train.loss_positions_only``,
+        ``train.fused_loss`` help; ``okd.heads``, ``okd.losses.fused_unsupported``)."""
+        train, student = self.train_config, self.accelerator.unwrap_model(self.student)
+        if self.teacher_cache is not None or self.minillm_loss is not None:
+            return "full"  # these compute their own losses (okd.training.cached, okd.objectives)
+        if not train.loss_positions_only or not head_on_positions_supported(student) or (
+            self.teacher is not None and not self.teacher.supports_positions
+        ):
+            return "full"
+        if not train.fused_loss:
+            return "positions"
+        reason = fused_unsupported(self.method, self.online_config, student, self.teacher)
+        if reason is not None:
+            if self.accelerator.is_main_process and self.config.progress:
+                print(f"okd: train.fused_loss: dense loss instead ({reason})", file=sys.stderr)
+            return "positions"
+        chunk = train.fused_chunk_tokens if train.fused_chunk_tokens is not None else budget_chunk_tokens(student.config.hidden_size)
+        if chunk < 1:
+            raise ValueError(f"train.fused_chunk_tokens must be >= 1, got {train.fused_chunk_tokens}")
+        self.fused_fn = FusedLinearDistillationLoss.from_method(self.method, self.online_config, chunk)
+        return "fused"
 
     def _nonfinite(self, losses: StepLosses, term: str) -> StepLosses:
         """Skip (when allowed) or stop on a non-finite loss term or gradient."""

@@ -1,0 +1,64 @@
+"""Output heads on the loss positions only: logits ``[N, V]`` instead of ``[batch, seq, V]``.
+
+On instruction data most positions are prompt or padding and take no loss (their next-token target is
+-100), yet a model's forward runs the output head over every position. Here the base model runs once,
+its final hidden states are gathered at the loss positions (``[N, d]``) and the head is applied to
+those only (the dense path), or handed with the head weight to :mod:`okd.fused` (the fused path).
+
+The rule (:func:`head_on_positions_supported`): a Hugging Face causal LM whose output head is a plain
+``nn.Linear`` and whose config post-processes no logits (soft-capping, logit scales). Anything else
+(non-HF students, Gemma-2's soft-capped logits, Cohere's ``logit_scale``...) takes the full logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+# Config attributes by which transformers models change the logits after the head; a model with any of
+# them set (to other than None / 1) is not ``head(hidden)`` and keeps its full logits.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+_NO_LOGITS = torch.empty(0, dtype=torch.long)
+
+
+def logit_postprocessing(model: nn.Module) -> str | None:
+    """``"attribute=value"`` of the first logit post-processing ``model``'s config sets, else None."""
+    config = getattr(model, "config", None)
+    for attribute in LOGIT_POSTPROCESSING:
+        if getattr(config, attribute, None) not in (None, 1, 1.0):
+            return f"{attribute}={getattr(config, attribute)}"
+    return None
+
+
+def head_on_positions_supported(model: nn.Module) -> bool:
+    """Whether ``model``'s logits are ``get_output_embeddings()(last hidden state)`` exactly (the rule above)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or not isinstance(model.get_output_embeddings(), nn.Linear):
+        return False
+    return logit_postprocessing(model) is None
+
+
+def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, targets)``: flat indices ``[N]`` into ``batch * seq`` of the positions whose next-token
+    target is not -100, and those targets ``[N]`` (the positions ``okd.losses.next_token_targets`` counts)."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return rows, targets.index_select(0, rows)
+
+
+def final_hidden_at(model: nn.Module, input_ids, attention_mask, rows: torch.Tensor) -> torch.Tensor:
+    """The final hidden states (after the final norm) at ``rows``: ``[N, d]``.
+
+    Called through the model's own ``forward`` (so wrappers such as DDP or peft see the call) with
+    ``logits_to_keep`` empty: the head computes nothing, and ``hidden_states[-1]`` is what it would read.
+    """
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+        logits_to_keep=_NO_LOGITS.to(input_ids.device),
+    )
+    hidden = out.hidden_states[-1]
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)

@@ -1,0 +1,123 @@
+"""Output heads on the loss positions only, and the fused loss in the loop: the same run as full logits.
+
+``train.loss_positions_only`` / ``train.fused_loss`` (okd.heads, okd.fused) change where the heads run,
+never what is computed: per-step losses and final weights must equal the full-logits run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from engine_helpers import configs
+
+from okd.config import OnlineModuleConfig, SamplingConfig
+from okd.heads import final_hidden_at, head_on_positions_supported, loss_positions
+from okd.losses import next_token_targets
+from okd.training import Distiller
+
+MODES = {"full": dict(loss_positions_only=False), "positions": dict(fused_loss=False), "fused": dict()}
+
+
+def run(setting, tmp_path, mode, method, online=None, steps=3, sampling=None, **method_fields):
+    kwargs = configs(setting, method, steps=steps, online=online, **method_fields)
+    if sampling is not None:
+        kwargs["sampling"] = sampling
+    kwargs["data"] = dataclasses.replace(kwargs["data"], validation_file=None)
+    kwargs["train"] = dataclasses.replace(kwargs["train"], **MODES[mode])
+    distiller = Distiller(output_dir=str(tmp_path / mode), **kwargs)
+    distiller.train()
+    records = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    return distiller, records
+
+
+def assert_same_run(a, b, terms=("loss", "ce", "kd", "module_loss", "module_ce", "module_divergence", "module_accuracy", "module_kl_from_frozen")):
+    (da, ra), (db, rb) = a, b
+    assert len(ra) == len(rb) > 0
+    for x, y in zip(ra, rb):
+        for term in terms:
+            if term in x or term in y:
+                assert x[term] == pytest.approx(y[term], rel=1e-5, abs=1e-6), (term, x["step"])
+    for (name, p), q in zip(da.student.named_parameters(), db.student.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    if da.online_config is not None:
+        for p, q in zip(da.teacher.module_parameters(), db.teacher.module_parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+ADAPTER = OnlineModuleConfig(kind="adapter", update_every=1, learning_rate=1e-2)
+
+
+@pytest.mark.parametrize(
+    "method, online, fields, fused_expected",
+    [
+        ("kd", None, {}, True),
+        ("rkl", None, {}, True),
+        ("jsd", None, {}, True),
+        ("sft", None, {}, True),
+        ("okd", ADAPTER, {}, True),
+        ("okd", dataclasses.replace(ADAPTER, anchor_weight=0.5, teacher_mix=0.3), {}, False),
+        ("kd", None, {"kd_ratio": 0.5, "temperature": 2.0}, True),
+    ],
+    ids=["kd", "rkl", "jsd", "sft", "okd-adapter", "okd-anchor-mix", "kd-mixed-ce-T2"],
+)
+def test_positions_and_fused_equal_full_logits(tiny_setting, tmp_path, method, online, fields, fused_expected):
+    full = run(tiny_setting, tmp_path, "full", method, online, **fields)
+    positions = run(tiny_setting, tmp_path, "positions", method, online, **fields)
+    fused = run(tiny_setting, tmp_path, "fused", method, online, **fields)
+    assert (full[0].heads, positions[0].heads) == ("full", "positions")
+    assert fused[0].heads == ("fused" if fused_expected else "positions")
+    assert_same_run(positions, full)
+    if fused_expected:
+        assert_same_run(fused, full)
+    if method == "okd":  # the module really moved, so its gradient was compared too
+        assert any(r.get("module_updated") for r in full[1])
+
+
+def test_positions_equal_full_logits_for_lora_and_generated_sequences(tiny_setting, tmp_path):
+    lora = OnlineModuleConfig(kind="lora", update_every=1, learning_rate=1e-2, anchor_weight=0.2)
+    assert_same_run(run(tiny_setting, tmp_path / "a", "positions", "okd", lora), run(tiny_setting, tmp_path / "a", "full", "okd", lora))
+    gkd = [run(tiny_setting, tmp_path / "b", mode, "gkd", steps=2, sampling=SamplingConfig(on_policy_ratio=1.0)) for mode in ("full", "fused")]
+    assert gkd[1][0].heads == "fused"
+    assert_same_run(gkd[1], gkd[0])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_on_gathered_hidden_states_equals_logits_and_gradients(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, tie_word_embeddings=tied,
+    ))
+    ids = torch.randint(0, 40, (3, 9))
+    attention = torch.ones_like(ids)
+    attention[1, 6:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompt
+    labels[attention == 0] = -100
+    rows, targets = loss_positions(labels)
+    full_targets, mask = next_token_targets(labels)
+    assert rows.numel() == int(mask.sum()) and torch.equal(targets, full_targets.reshape(-1)[rows])
+
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, 40)[rows], targets)
+    reference_grads = torch.autograd.grad(reference, list(model.parameters()))
+    gathered = model.get_output_embeddings()(final_hidden_at(model, ids, attention, rows))
+    torch.testing.assert_close(gathered, logits.reshape(-1, 40)[rows].detach())
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(gathered, targets), list(model.parameters()))
+    for g, r in zip(grads, reference_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_post_processed_logits_fall_back_to_full_logits():
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    small = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, head_dim=8)
+    assert head_on_positions_supported(LlamaForCausalLM(LlamaConfig(**small)))
+    assert not head_on_positions_supported(Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=30.0)))
+    assert not head_on_positions_supported(torch.nn.Linear(4, 4))
