@@ -16,6 +16,7 @@ import json as _json
 import os
 import re
 import sys
+from typing import Literal
 
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
 
@@ -115,17 +116,19 @@ def analyze(
         print(f"wrote {path}")
 
 
-def demo(quick: bool = False, output_dir: str = "runs/demo", methods: str | None = None) -> None:
-    """Run the main job on the built-in data: train a teacher, distil students, evaluate, report.
+def demo(quick: bool = False, output_dir: str = "runs/demo", methods: str | None = None, tier: Literal["toy", "real"] | None = None) -> None:
+    """Run the main job on the built-in data: a teacher, students distilled from it, evaluation, report.
 
     Args:
-        quick: A smoke-test-sized run (about 2 minutes on 2 CPU cores).
+        quick: The toy tier's smoke test (about 2 minutes on 2 CPU cores).
         output_dir: Where the report, results, plots and models go.
-        methods: Comma-separated method presets (default: the demo's list).
+        methods: Comma-separated method presets (default: the tier's list).
+        tier: real (default): SmolLM2-135M-Instruct fine-tuned as the teacher and shrunk into pretrained
+            students (about 30 minutes on 2 CPU cores); toy (default with --quick): models trained from scratch.
     """
     from okd.demo import run_demo
 
-    run_demo(quick=quick, output_dir=output_dir, methods=methods.split(",") if methods else None)
+    run_demo(quick=quick, output_dir=output_dir, methods=methods.split(",") if methods else None, tier=tier)
 
 
 class _Parser(ArgumentParser):
