@@ -116,12 +116,13 @@ def analyze(
         print(f"wrote {path}")
 
 
-def demo(quick: bool = False, output_dir: str = "runs/demo", methods: str | None = None, tier: Literal["toy", "real"] | None = None) -> None:
+def demo(quick: bool = False, output_dir: str | None = None, methods: str | None = None, tier: Literal["toy", "real"] | None = None) -> None:
     """Run the main job on the built-in data: a teacher, students distilled from it, evaluation, report.
 
     Args:
         quick: The toy tier's smoke test (about 2 minutes on 2 CPU cores).
-        output_dir: Where the report, results, plots and models go.
+        output_dir: Where the report, results, plots and models go (default: runs/demo for the real tier,
+            runs/demo-toy for the toy tier).
         methods: Comma-separated method presets (default: the tier's list).
         tier: real (default): SmolLM2-135M-Instruct fine-tuned as the teacher and shrunk into pretrained
             students (about 30 minutes on 2 CPU cores); toy (default with --quick): models trained from scratch.

@@ -16,18 +16,23 @@ from typing import Literal
 from okd.demo.real import REAL_METHODS, RealDemoSettings, run_real_demo
 from okd.demo.toy import DEFAULT_METHODS, QUICK, DemoSettings, run_toy_demo
 
+DEFAULT_DIRS = {"real": "runs/demo", "toy": "runs/demo-toy"}
+
 __all__ = ["run_demo", "run_real_demo", "run_toy_demo", "RealDemoSettings", "DemoSettings", "QUICK", "REAL_METHODS", "DEFAULT_METHODS"]
 
 
 def run_demo(
     quick: bool = False,
-    output_dir: str = "runs/demo",
+    output_dir: str | None = None,
     methods: list[str] | None = None,
     settings=None,
     tier: Literal["toy", "real"] | None = None,
 ) -> dict:
-    """Run the demo; ``tier`` defaults to ``toy`` with ``quick`` and ``real`` without."""
+    """Run the demo; ``tier`` defaults to ``toy`` with ``quick`` and ``real`` without, ``output_dir``
+    to ``runs/demo`` (real) or ``runs/demo-toy`` (toy: the directory ``configs/demo.yaml`` and the
+    toy-scale benchmarks read its teacher and tokenizer from)."""
     tier = tier or ("toy" if quick else "real")
+    output_dir = output_dir or DEFAULT_DIRS.get(tier, "runs/demo")
     if tier == "toy":
         return run_toy_demo(quick=quick, output_dir=output_dir, methods=methods, settings=settings)
     if tier == "real":
