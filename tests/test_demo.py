@@ -13,7 +13,7 @@ import pytest
 
 from okd.demo import DemoSettings, RealDemoSettings, run_demo
 from okd.demo.real import _fine_tune_teacher, eval_key, teacher_key
-from okd.demo.report import BEFORE, plot_real, write_real_report
+from okd.demo.report import BEFORE, plot_real, rewrite, write_real_report
 
 MANIFEST = {"okd": "model convert", "format_version": 1, "source": "/a/b.gguf", "source_sha256": "abc", "dtype": "float32"}
 
@@ -102,6 +102,10 @@ def test_real_report_from_hand_made_results(tmp_path):
     plot_real(results, tmp_path)
     for name in ("rouge_l.png", "loss_curves.png", "train_time.png"):
         assert (tmp_path / name).stat().st_size > 1000
+    # The same report again from the saved results.json.
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "report.md").unlink()
+    assert "does NOT beat the sft student" in rewrite(tmp_path).read_text()
 
 
 def test_quick_needs_the_toy_tier(tmp_path):

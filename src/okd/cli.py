@@ -116,7 +116,7 @@ def analyze(
         print(f"wrote {path}")
 
 
-def demo(quick: bool = False, output_dir: str | None = None, methods: str | None = None, tier: Literal["toy", "real"] | None = None) -> None:
+def demo(quick: bool = False, output_dir: str | None = None, methods: str | None = None, tier: Literal["toy", "real"] | None = None, workers: int | None = None) -> None:
     """Run the main job on the built-in data: a teacher, students distilled from it, evaluation, report.
 
     Args:
@@ -126,10 +126,12 @@ def demo(quick: bool = False, output_dir: str | None = None, methods: str | None
         methods: Comma-separated method presets (default: the tier's list).
         tier: real (default): SmolLM2-135M-Instruct fine-tuned as the teacher and shrunk into pretrained
             students (about 30 minutes on 2 CPU cores); toy (default with --quick): models trained from scratch.
+        workers: Real tier: methods distilled at once, one process each (default 1; more helps only with idle
+            cores or on a CPU shared with other jobs).
     """
     from okd.demo import run_demo
 
-    run_demo(quick=quick, output_dir=output_dir, methods=methods.split(",") if methods else None, tier=tier)
+    run_demo(quick=quick, output_dir=output_dir, methods=methods.split(",") if methods else None, tier=tier, workers=workers)
 
 
 class _Parser(ArgumentParser):

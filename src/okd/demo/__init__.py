@@ -27,6 +27,7 @@ def run_demo(
     methods: list[str] | None = None,
     settings=None,
     tier: Literal["toy", "real"] | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Run the demo; ``tier`` defaults to ``toy`` with ``quick`` and ``real`` without, ``output_dir``
     to ``runs/demo`` (real) or ``runs/demo-toy`` (toy: the directory ``configs/demo.yaml`` and the
@@ -38,5 +39,9 @@ def run_demo(
     if tier == "real":
         if quick:
             raise ValueError("--quick is the toy tier's smoke test; drop --tier real or --quick")
+        if workers:
+            import dataclasses
+
+            settings = dataclasses.replace(settings or RealDemoSettings(), workers=workers)
         return run_real_demo(output_dir=output_dir, methods=methods, settings=settings)
     raise ValueError(f"unknown demo tier {tier!r} (valid: toy, real)")
