@@ -16,6 +16,7 @@ import json as _json
 import os
 import re
 import sys
+from typing import Literal
 
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
 
@@ -115,17 +116,22 @@ def analyze(
         print(f"wrote {path}")
 
 
-def demo(quick: bool = False, output_dir: str = "runs/demo", methods: str | None = None) -> None:
-    """Run the main job on the built-in data: train a teacher, distil students, evaluate, report.
+def demo(quick: bool = False, output_dir: str | None = None, methods: str | None = None, tier: Literal["toy", "real"] | None = None, workers: int | None = None) -> None:
+    """Run the main job on the built-in data: a teacher, students distilled from it, evaluation, report.
 
     Args:
-        quick: A smoke-test-sized run (about 2 minutes on 2 CPU cores).
-        output_dir: Where the report, results, plots and models go.
-        methods: Comma-separated method presets (default: the demo's list).
+        quick: The toy tier's smoke test (about 2 minutes on 2 CPU cores).
+        output_dir: Where the report, results, plots and models go (default: runs/demo for the real tier,
+            runs/demo-toy for the toy tier).
+        methods: Comma-separated method presets (default: the tier's list).
+        tier: real (default): SmolLM2-135M-Instruct fine-tuned as the teacher and shrunk into pretrained
+            students (about 30 minutes on 2 CPU cores); toy (default with --quick): models trained from scratch.
+        workers: Real tier: methods distilled at once, one process each (default 1; more helps only with idle
+            cores or on a CPU shared with other jobs).
     """
     from okd.demo import run_demo
 
-    run_demo(quick=quick, output_dir=output_dir, methods=methods.split(",") if methods else None)
+    run_demo(quick=quick, output_dir=output_dir, methods=methods.split(",") if methods else None, tier=tier, workers=workers)
 
 
 class _Parser(ArgumentParser):

@@ -1,4 +1,4 @@
-"""`okd demo`: the main job, end to end on the built-in data, on a CPU.
+"""`okd demo --tier toy` (and `okd demo --quick`): the from-scratch toy demo on the built-in data, on a CPU.
 
 1. build the built-in data set (standard-library docstrings) and a byte-level BPE tokenizer for it;
 2. train a teacher from scratch with cross-entropy (cached: reused when its settings are unchanged);
@@ -148,7 +148,7 @@ def _train_config(settings: DemoSettings, steps: int, lr: float) -> TrainConfig:
     )
 
 
-def run_demo(quick: bool = False, output_dir: str = "runs/demo", methods: list[str] | None = None, settings: DemoSettings | None = None) -> dict:
+def run_toy_demo(quick: bool = False, output_dir: str = "runs/demo", methods: list[str] | None = None, settings: DemoSettings | None = None) -> dict:
     """Run the demo and return the results dict (also written to ``output_dir/results.json``)."""
     from okd.data import InstructionDataset, ensure_pad_token, read_jsonl
     from okd.data.builtin import build_builtin_dataset
