@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--methods", default="sft,kd,rkl,okd,seqkd,imitkd,gkd,distillm")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--compare-dir", default="runs/compare")
-    parser.add_argument("--demo-dir", default="runs/demo")
+    parser.add_argument("--demo-dir", default="runs/demo-toy")
     parser.add_argument("--max-examples", type=int, default=300)
     parser.add_argument("--exposure-examples", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=40)

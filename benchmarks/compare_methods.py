@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-examples", type=int, default=150)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--demo-dir", default="runs/demo", help="where `okd demo` left data, tokenizer and teacher")
+    parser.add_argument("--demo-dir", default="runs/demo-toy", help="where `okd demo` left data, tokenizer and teacher")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="2 methods, 1 size, 2 seeds, 20 steps")

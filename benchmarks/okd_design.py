@@ -193,7 +193,7 @@ def prepare_demo(demo: Path, quick: bool) -> dict:
     settings match, trained here with the demo's settings otherwise)."""
     from okd.config import DataConfig
     from okd.data.builtin import build_builtin_dataset
-    from okd.demo import QUICK, DemoSettings, _prepare_tokenizer, _train_teacher
+    from okd.demo.toy import QUICK, DemoSettings, _prepare_tokenizer, _train_teacher
 
     settings = QUICK if quick else DemoSettings()
     paths = build_builtin_dataset(demo / "data")
@@ -264,7 +264,7 @@ def main() -> None:
     parser.add_argument("--student-size", default="nano")
     parser.add_argument("--eval-examples", type=int, default=150)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--demo-dir", default="runs/demo", help="okd demo's output (its cached teacher is reused)")
+    parser.add_argument("--demo-dir", default="runs/demo-toy", help="okd demo's output (its cached teacher is reused)")
     parser.add_argument("--out", default="runs/okd_design")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--teacher", choices=("demo", "quick"), default="demo",
@@ -287,7 +287,7 @@ def main() -> None:
     if args.quick:
         args.variants, args.seeds, args.steps, args.teacher = ",".join(QUICK_VARIANTS), "0,1", 40, "quick"
         args.eval_examples, args.max_new_tokens = 16, 16
-    if args.teacher == "quick" and args.demo_dir == "runs/demo":
+    if args.teacher == "quick" and args.demo_dir == "runs/demo-toy":
         args.demo_dir = "runs/demo_quick"  # never retrain (overwrite) the full demo's teacher
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
