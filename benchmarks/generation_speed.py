@@ -220,7 +220,10 @@ def tier_toy(args, workdir: Path) -> list[dict]:
         print(" backend", entry["backend"], flush=True)
         entry["group_by_length"] = bench_grouping(student, prompts, tokenizer, args)
         print(" group_by_length", entry["group_by_length"], flush=True)
+        # torch.compile only for the first pair: its compile time alone is minutes on 2 loaded cores.
+        no_compile, args.no_compile = args.no_compile, args.no_compile or bool(entries)
         entry["static_and_compile"] = bench_static_and_compile(student, prompts[:8], tokenizer, args)
+        args.no_compile = no_compile
         print(" static_and_compile", entry["static_and_compile"], flush=True)
         entry["gkd_step"] = bench_gkd_step(dirs["teacher"], dirs["student"], tokenizer_dir, paths["train"], args)
         print(" gkd_step", entry["gkd_step"], flush=True)
