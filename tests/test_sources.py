@@ -375,14 +375,16 @@ def _roundtrip(state):
 
 def test_teacher_generated_cache_and_batches(env, tmp_path, monkeypatch):
     tok, teacher, dataset = env["tok"], env["teacher"], env["dataset"]
-    calls = []
-    original = teacher.generate
+    import okd.generation
+
+    calls = []  # one per generated batch, whichever backend decodes it
+    original = okd.generation._generate_one_batch
 
     def counting_generate(*args, **kwargs):
         calls.append(kwargs.get("temperature"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(teacher, "generate", counting_generate)
+    monkeypatch.setattr(okd.generation, "_generate_one_batch", counting_generate)
     cache = tmp_path / "seqkd" / "teacher.jsonl"
     common = dict(
         cache_path=cache, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, batch_size=BATCH,

@@ -4,7 +4,7 @@ Used by the generation-based sources (SeqKD's cache, on-policy, DistiLLM's repla
 by analysis. Two pieces:
 
 * ``generate_batched``: one response per prompt, in batches of left-padded prompts, with the KV
-  cache, under ``torch.no_grad()`` and in eval mode; each response is cut right AFTER its first EOS
+  cache (okd's own decoding loop, or Hugging Face ``generate`` as the fallback: ``resolve_backend``), under ``torch.no_grad()`` and in eval mode; each response is cut right AFTER its first EOS
   (the EOS is kept: it is a token the student must learn to emit).
 * ``isolated_rng(seed)``: within the block, the CPU generator and every accelerator generator (all
   CUDA devices, MPS, XPU) start from ``seed``; on exit all of them are back where they were, so the
@@ -14,13 +14,14 @@ by analysis. Two pieces:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["cut_after_eos", "generate_batched", "generation_budget", "isolated_rng"]
+__all__ = ["BACKENDS", "cut_after_eos", "generate_batched", "generation_budget", "isolated_rng", "resolve_backend"]
 
 
 @contextlib.contextmanager
@@ -78,20 +79,150 @@ def generation_budget(prompts: Sequence[Sequence[int]], max_new_tokens: int | No
     return room if max_new_tokens is None else min(int(max_new_tokens), room)
 
 
-def _generate_one_batch(model, prompts, *, pad_token_id, eos_token_id, max_new_tokens, temperature, top_p, do_sample):
+# Which loop generates. "okd": the hand-written KV-cached loop below (``_decode``); "hf": Hugging
+# Face ``model.generate``; "auto": okd's loop for decoder-only models whose forward takes a KV cache,
+# ``generate`` for anything else (encoder-decoder models, models without cache support).
+BACKENDS = ("auto", "okd", "hf")
+DEFAULT_BACKEND = "auto"
+
+
+def _cache_argument(model) -> str | None:
+    """The forward keyword that takes the KV cache (``cache`` in transformers >= 5.2x, earlier
+    ``past_key_values``), or None when the model has none."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def resolve_backend(model, backend: str | None = None) -> str:
+    """``"okd"`` or ``"hf"`` for ``model``: the rule behind ``backend="auto"``.
+
+    okd's loop needs a decoder-only model whose forward takes ``position_ids``, ``attention_mask``
+    and a KV cache (``cache`` / ``past_key_values``): every Hugging Face causal LM okd trains
+    (Llama, GPT-2, Qwen, SmolLM, ...). Anything else, encoder-decoder models first, goes to
+    ``model.generate``. An explicit ``"okd"`` for a model that cannot take it is an error.
+    """
+    backend = backend or DEFAULT_BACKEND
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "hf":
+        return "hf"
+    config = getattr(model, "config", None)
+    parameters = inspect.signature(model.forward).parameters
+    supported = (
+        config is not None
+        and not getattr(config, "is_encoder_decoder", False)
+        and _cache_argument(model) is not None
+        and "position_ids" in parameters
+        and "attention_mask" in parameters
+    )
+    if backend == "okd" and not supported:
+        raise ValueError(
+            f"backend='okd' needs a decoder-only model whose forward takes a KV cache and position_ids; "
+            f"{type(model).__name__} does not: use backend='hf'"
+        )
+    return "okd" if supported else "hf"
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter, the same operations as transformers' ``TopPLogitsWarper`` (so the same nucleus):
+    drop the smallest tokens whose cumulative probability stays at or below ``1 - top_p``, keep at
+    least the largest one."""
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
+    return scores.masked_fill(remove, -float("inf"))
+
+
+def _sample(scores: torch.Tensor) -> torch.Tensor:
+    """One token per row from ``softmax(scores)`` by inverse-CDF sampling: ``[batch, vocab] -> [batch]``.
+
+    One uniform draw per row, scaled to the total, against the running sum of the probabilities.
+    The same distribution as ``torch.multinomial(probs, 1)`` (both in fp32; the running sum's
+    rounding, ~1e-7 per addition, is far below sampling error), which on CPU draws per
+    vocabulary entry: 6.2-6.7 ms per call for 8 x 8192 against 0.57 ms here, a quarter of a tiny
+    model's decoding step (benchmarks/results/generation_speed.md). So the draws differ from
+    ``generate``'s for the same seed; the distribution does not (tested). ``right=True``: a token of
+    probability 0 (cut by top-p) adds nothing to the sum, so it can never be chosen.
+    """
+    cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+    u = torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=scores.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=scores.shape[-1] - 1)
+
+
+def _decode(model, input_ids, attention_mask, *, eos, pad_token_id, max_new_tokens, sample, temperature, top_p):
+    """okd's KV-cached decoding loop: ``[batch, new tokens]`` ids, rows past their EOS filled with pad.
+
+    It does what ``model.generate`` does for a decoder-only model with sampling or greedy search, in
+    the same order, so greedy decoding gives the same tokens: position ids from the left-padded mask (``cumsum - 1``, 0 at padding), no mask
+    at all when nothing is padded (as ``generate`` drops it), logits of the last position only
+    (``logits_to_keep=1``) in fp32, temperature then top-p (the same operations as ``generate``'s
+    warpers), pad for finished rows, and a stop as soon as every row has emitted an EOS. The one
+    deliberate difference is the draw itself (``_sample``: inverse CDF, not ``torch.multinomial``):
+    the same distribution, different samples for a seed; every row draws at every step, so the RNG
+    use depends only on the seed and the number of steps. What it leaves out is ``generate``'s per-step
+    machinery (logits-processor and stopping-criteria lists, kwargs preparation, generation-config
+    merging: the model's ``generation_config`` sampling defaults are NOT applied, okd passes its own).
+    """
+    from transformers import DynamicCache
+
+    cache_name = _cache_argument(model)
+    cache = DynamicCache(config=model.config)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    mask = None if bool(attention_mask.all()) else attention_mask
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=input_ids.device) if eos else None
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    pad = torch.tensor(pad_token_id, dtype=torch.long, device=input_ids.device)
+    tokens, step_ids = [], input_ids
+    for step in range(max_new_tokens):
+        outputs = model(
+            input_ids=step_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **{cache_name: cache}, **extra
+        )
+        scores = outputs.logits[:, -1].to(dtype=torch.float32)
+        if sample:
+            if temperature != 1.0:
+                scores = scores / temperature
+            if top_p < 1.0:
+                scores = _top_p_filter(scores, top_p)
+            next_tokens = _sample(scores)
+        else:
+            next_tokens = torch.argmax(scores, dim=-1)
+        next_tokens = torch.where(unfinished, next_tokens, pad)
+        tokens.append(next_tokens)
+        if eos_ids is not None:
+            unfinished &= ~torch.isin(next_tokens, eos_ids)
+            if not bool(unfinished.any()):  # every row has its EOS: stop early
+                break
+        step_ids = next_tokens[:, None]
+        position_ids = position_ids[:, -1:] + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+    return torch.stack(tokens, dim=1)
+
+
+def _generate_one_batch(model, prompts, *, pad_token_id, eos_token_id, max_new_tokens, temperature, top_p, do_sample, backend):
     from okd.data.instruction import collate_prompts
 
     sample = do_sample and temperature > 0
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_token_id).items()}
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens, do_sample=sample, use_cache=True, pad_token_id=pad_token_id, eos_token_id=eos_token_id
-    )
-    if sample:
-        kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
     with torch.no_grad():
-        generated = model.generate(**batch, **kwargs)
-    return [cut_after_eos(row, eos_token_id) for row in generated[:, batch["input_ids"].shape[1] :].tolist()]
+        if backend == "okd":
+            generated = _decode(
+                model, batch["input_ids"], batch["attention_mask"], eos=_eos_set(eos_token_id), pad_token_id=pad_token_id,
+                max_new_tokens=max_new_tokens, sample=sample, temperature=float(temperature), top_p=float(top_p),
+            )
+        else:
+            kwargs: dict[str, Any] = dict(
+                max_new_tokens=max_new_tokens, do_sample=sample, use_cache=True, pad_token_id=pad_token_id,
+                eos_token_id=eos_token_id,
+            )
+            if sample:
+                kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
+            generated = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+    return [cut_after_eos(row, eos_token_id) for row in generated.tolist()]
 
 
 def generate_batched(
@@ -109,10 +240,12 @@ def generate_batched(
     max_length: int | None = None,
     progress: bool = False,
     desc: str = "generate",
+    backend: str | None = None,
+    group_by_length: bool = False,
 ) -> list[list[int]]:
     """Generate one response per prompt; returns each prompt's new token ids, in prompt order.
 
-    Prompts go to ``model.generate`` ``batch_size`` at a time (None: all at once), left-padded so that
+    Prompts are decoded ``batch_size`` at a time (None: all at once), left-padded so that
     every row's last prompt token sits in the last column; the KV cache is on, gradients off, and the
     model is in eval mode (its previous mode comes back afterwards, even on error). Each response is
     cut right AFTER its first EOS (what ``generate`` wrote after it is padding); one that never emits
@@ -127,6 +260,14 @@ def generate_batched(
 
     ``max_length``, if given, caps each batch's ``max_new_tokens`` to the room after its longest
     prompt (``generation_budget``; ``max_new_tokens=None`` then fills that room).
+
+    ``backend``: ``"okd"`` (okd's KV-cached loop: the same greedy tokens as ``generate``, samples from
+    the same distribution but not the same draws, less per-step overhead), ``"hf"``
+    (``model.generate``) or ``"auto"`` / None (``DEFAULT_BACKEND``:
+    okd's loop where ``resolve_backend`` allows it, else ``generate``). ``group_by_length``: form
+    the batches from prompts sorted by length (less left padding when there are more prompts than
+    ``batch_size``); responses still come back in prompt order, but which prompts share a batch,
+    and hence the samples, change.
     """
     if len(prompts) == 0:
         return []
@@ -143,22 +284,29 @@ def generate_batched(
     if eos_token_id is None:  # cut where generate stops: at the model's own EOS
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     step = batch_size or len(prompts)
+    backend = resolve_backend(model, backend)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if group_by_length else list(range(len(prompts)))
     responses: list[list[int]] = []
     was_training = model.training
     model.eval()
     try:
         with isolated_rng(seed) if seed is not None else contextlib.nullcontext():
             for start in tqdm(range(0, len(prompts), step), desc=desc, unit="batch", disable=not progress, leave=False):
-                chunk = [list(p) for p in prompts[start : start + step]]
+                chunk = [list(prompts[i]) for i in order[start : start + step]]
                 budget = max_new_tokens if max_length is None else generation_budget(chunk, max_new_tokens, max_length)
                 responses.extend(
                     _generate_one_batch(
                         model, chunk, pad_token_id=pad_token_id, eos_token_id=eos_token_id, max_new_tokens=budget,
-                        temperature=temperature, top_p=top_p, do_sample=do_sample,
+                        temperature=temperature, top_p=top_p, do_sample=do_sample, backend=backend,
                     )
                 )
     finally:
         model.train(was_training)
+    if group_by_length:
+        in_order: list[list[int]] = [[] for _ in prompts]
+        for i, response in zip(order, responses):
+            in_order[i] = response
+        return in_order
     return responses
 
 
