@@ -19,14 +19,13 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, TrainConfig
-from okd.io import write_json, write_text
+from okd.io import write_json
 
 REAL_METHODS = ["sft", "kd", "rkl", "okd"]
 
@@ -140,7 +139,7 @@ def _fine_tune_teacher(settings: RealDemoSettings, base: Path, data: DataConfig,
     """Fine-tune (or reuse) the teacher; returns its directory and its run's summary.
 
     The run (metrics, summary, key) goes to ``<out>_run``; ``out`` is the model alone."""
-    from okd.io import atomic_directory
+    from okd.demo.toy import publish_teacher
     from okd.training import distill
 
     run = out.with_name(out.name + "_run")
@@ -157,10 +156,7 @@ def _fine_tune_teacher(settings: RealDemoSettings, base: Path, data: DataConfig,
         output_dir=str(run),
         overwrite=True,
     )
-    with atomic_directory(out) as tmp:
-        for file in (run / "student").iterdir():
-            shutil.copy2(file, tmp / file.name)
-    write_text(marker, key + "\n")
+    publish_teacher(run, out, marker, key)
     return out, {**json.loads((run / "train_summary.json").read_text()), "cached": False}
 
 

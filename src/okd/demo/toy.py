@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, SamplingConfig, TrainConfig
 from okd.evaluation import GenerationConfig, evaluate_model
-from okd.io import write_json, write_text
+from okd.io import atomic_directory, write_json, write_text
 
 DEFAULT_METHODS = ["sft", "kd", "rkl", "okd", "gkd", "distillm"]
 
@@ -105,9 +106,6 @@ def _train_teacher(settings: DemoSettings, data: DataConfig, tokenizer_dir: Path
     The training run (metrics, summary, key of the cache) goes to ``<out>_run``; ``out`` itself is
     the teacher model alone (weights, config, tokenizer), as a teacher directory should be.
     """
-    import shutil
-
-    from okd.io import atomic_directory
     from okd.training import distill
 
     run = out.with_name(out.name + "_run")
@@ -129,11 +127,17 @@ def _train_teacher(settings: DemoSettings, data: DataConfig, tokenizer_dir: Path
         output_dir=str(run),
         overwrite=True,
     )
+    publish_teacher(run, out, marker, key)
+    return out
+
+
+def publish_teacher(run: Path, out: Path, marker: Path, key: str) -> None:
+    """Make the trained run's ``student/`` the teacher directory ``out`` (atomically: a plain model
+    directory), then write the settings key that lets a later demo reuse it."""
     with atomic_directory(out) as tmp:
         for file in (run / "student").iterdir():
             shutil.copy2(file, tmp / file.name)
     write_text(marker, key + "\n")
-    return out
 
 
 def _train_config(settings: DemoSettings, steps: int, lr: float) -> TrainConfig:
