@@ -97,24 +97,20 @@ def test_second_signal_stops_at_once(tiny_setting, tmp_path):
 
 
 def _inject(distiller: Distiller, at_step: int, where: str):
-    """Make the loss (or a gradient) of one step NaN."""
-    class Faulty:
-        def __init__(self, original):
-            self.original = original
+    """Make the loss (or a gradient) of one step NaN. Wraps the step's forward (`forward_losses`), so
+    every loss path (full logits, loss positions, fused) is covered."""
+    original = distiller.forward_losses
 
-        def __getattr__(self, name):  # everything else (e.g. validation) as before
-            return getattr(self.original, name)
+    def faulty(batch, update_module):
+        losses = original(batch, update_module)
+        if distiller.step == at_step and where == "loss":
+            losses.kd = losses.kd * float("nan")
+            losses.loss = losses.loss * float("nan")
+        if distiller.step == at_step and where == "gradient":
+            losses.loss.register_hook(lambda grad: grad * float("inf"))
+        return losses
 
-        def __call__(self, *args, **kwargs):
-            losses = self.original(*args, **kwargs)
-            if distiller.step == at_step and where == "loss":
-                losses.kd = losses.kd * float("nan")
-                losses.loss = losses.kd
-            if distiller.step == at_step and where == "gradient":
-                losses.loss.register_hook(lambda grad: grad * float("inf"))
-            return losses
-
-    distiller.loss_fn = Faulty(distiller.loss_fn)
+    distiller.forward_losses = faulty
 
 
 @pytest.mark.parametrize("where", ["loss", "gradient"])
