@@ -150,18 +150,9 @@ def plot_real(results: dict, out: Path) -> None:
     models = results["models"]
     methods = _methods(results)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in methods:
-        curve = models[name].get("ce_curve") or []
-        if curve:
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("student cross-entropy on training batches")
-    ax.set_title("Training curves")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
+    plot_training_curves(
+        {name: models[name]["ce_curve"] for name in methods if models[name].get("ce_curve")}, out / "loss_curves.png"
+    )
 
     names = _order(results)
     x = range(len(names))
@@ -196,3 +187,22 @@ def rewrite(out: str | Path) -> Path:
 
 if __name__ == "__main__":  # python -m okd.demo.report RUN_DIR
     print(rewrite(sys.argv[1] if len(sys.argv) > 1 else "runs/demo"))
+
+
+def plot_training_curves(curves: dict[str, list], path: Path) -> None:
+    """One line per method: the student's CE on its training batches, ``curves[name] = [(step, ce), ...]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("student cross-entropy on training batches")
+    ax.set_title("Training curves")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

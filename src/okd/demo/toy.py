@@ -240,17 +240,13 @@ def _plot(results: dict, out: Path, methods: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from okd.demo.report import plot_training_curves
+
+    curves = {}
     for name in methods:
         rows = [json.loads(line) for line in (out / "methods" / name / "metrics.jsonl").read_text().splitlines()]
-        ax.plot([r["step"] for r in rows], [r["ce"] for r in rows], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("student cross-entropy on training batches")
-    ax.set_title("Training curves")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
+        curves[name] = [(r["step"], r["ce"]) for r in rows]
+    plot_training_curves(curves, out / "loss_curves.png")
 
     names = ["teacher", *methods]
     means = [results["methods"][n]["rouge_l_mean"] for n in names]
