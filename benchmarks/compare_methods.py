@@ -1,15 +1,25 @@
-"""Method comparison on the built-in task: same teacher, student size, data, step budget and seeds.
+"""Method comparison on the built-in task: same teacher, student, data, step budget and seeds.
 
 Usage:
     python benchmarks/compare_methods.py --quick                       # smoke test (about 1 minute)
     python benchmarks/compare_methods.py --student-sizes nano,tiny --seeds 0,1,2 --out docs/results/compare
+    python benchmarks/compare_methods.py --tier real --students 10,4 --seeds 0,1 --out docs/results/real/compare
 
-Each (student size, method, seed) run trains in segments of ``--eval-every`` steps; after each
-segment the student is scored (ROUGE-L, sampling with the run's seed) on the first ``--eval-examples``
-test examples, so every run gives a ROUGE-L-vs-training-seconds curve (evaluation time excluded).
-Writes ``results.json``, ``results.md`` (method, final ROUGE-L mean +- std over seeds, training seconds,
-seconds to reach 95% of the best final ROUGE-L) and two figures per student size into ``--out``.
-The teacher is the demo's (trained and cached by ``okd demo`` in ``--demo-dir``).
+Two tiers. ``toy`` (default): the toy demo's from-scratch teacher (``okd demo --tier toy`` in
+``--demo-dir``, default ``runs/demo-toy``) and from-scratch students of the named ``--student-sizes``.
+``real``: the real demo's teacher (SmolLM2-135M-Instruct fine-tuned on the task by ``okd demo``, in
+``--demo-dir``, default ``runs/demo``) and pretrained students made from it by keeping the given numbers
+of its layers (``--students 10,4``; ``okd.pretrained.shrink``), prompts in its chat template.
+
+Each (student, method, seed) run trains in segments of ``--eval-every`` steps; after each segment the
+student is scored (ROUGE-L, sampling with the run's seed) on the first ``--eval-examples`` test
+examples, so every run gives a ROUGE-L-vs-training-seconds curve (evaluation time excluded). After the
+last segment the student is also scored on the first ``--eval-examples`` *validation* examples: the
+OKD design variants (``benchmarks/okd_design.py``'s names, e.g. ``okd_jsd``) are selected on that.
+Writes ``results.json`` after every run (a rerun with the same ``--out`` skips the runs already there,
+so an interrupted grid resumes and seeds can be added later), ``results.md`` (method, final ROUGE-L mean
++- std over seeds, validation ROUGE-L, training seconds, seconds to reach 95% of the best final ROUGE-L)
+and two figures per student into ``--out``.
 """
 
 from __future__ import annotations
@@ -29,12 +39,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, SamplingConfig, TrainConfig  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # okd_design's variants, also when imported by the tests
+
+from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, SamplingConfig, TrainConfig  # noqa: E402
 from okd.data import InstructionDataset, read_jsonl  # noqa: E402
 from okd.evaluation import GenerationConfig, evaluate_model, write_json_atomic  # noqa: E402
 from okd.training import Distiller  # noqa: E402
 
-DEFAULT_METHODS = "sft,kd,rkl,okd,seqkd,imitkd,gkd,distillm"
+DEFAULT_METHODS = "sft,kd,rkl,okd,seqkd,imitkd,gkd,distillm,minillm"
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -51,21 +63,67 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def run_one(method: str, size: str, seed: int, args, demo: Path, test_set, workdir: Path) -> dict:
-    steps = args.steps
-    preset, sampling_overrides = parse_method(method)
+# What differs between the tiers: where the teacher is, what a student is, and the training settings
+# (the real tier's are the real demo's: batch 8, 96 tokens, a higher learning rate for the healing of
+# a depth-pruned student; the toy tier's are the toy demo's).
+TIERS = {
+    "toy": dict(demo_dir="runs/demo-toy", students="nano,tiny", max_length=128, batch_size=16, learning_rate=2e-3, warmup_fraction=0.05),
+    "real": dict(demo_dir="runs/demo", students="10,4", max_length=96, batch_size=8, learning_rate=5e-4, warmup_fraction=0.1),
+}
+
+
+def method_fields(spec: str, steps: int) -> tuple[dict, dict, dict]:
+    """``(method fields, online-module fields, sampling overrides)`` of a method spec: a preset with
+    optional sampling overrides (``distillm:init_threshold=0.5``) or an OKD design variant of
+    ``benchmarks/okd_design.py`` (``okd_jsd``)."""
+    from okd.config import METHOD_PRESETS as PRESETS
+
+    name, overrides = parse_method(spec)
+    if name in PRESETS:
+        return {"name": name}, {}, overrides
+    from okd_design import VARIANTS, variant_configs
+
+    if name in VARIANTS:
+        method, online = variant_configs(name, steps)
+        return method, online, overrides
+    sys.exit(f"unknown method {name!r}: not a preset ({', '.join(PRESETS)}) nor an OKD design variant ({', '.join(VARIANTS)})")
+
+
+def run_label(size: str, method: str, seed: int) -> str:
+    return f"{size}-{method.replace(':', '-').replace('=', '').replace(';', '-')}-{seed}"
+
+
+def real_students(demo: Path, layers: list[str], out: Path) -> dict[str, str]:
+    """``{"10l": directory, ...}``: pretrained students shrunk from the real demo's teacher (made once)."""
+    from okd.pretrained import shrink
+
+    return {f"{n}l": str(shrink(str(demo / "teacher"), str(out / "students" / f"student-{n}l"), layers=int(n))) for n in layers}
+
+
+def run_one(method: str, size: str, seed: int, args, demo: Path, eval_sets, workdir: Path, students: dict | None = None) -> dict:
+    steps, tier = args.steps, TIERS[args.tier]
+    method_kw, online_kw, sampling_overrides = method_fields(method, steps)
+    test_set, validation_set = eval_sets
     setup_started = time.perf_counter()
+    if args.tier == "real":
+        model = ModelConfig(teacher=str(demo / "teacher"), student=students[size])
+    else:
+        model = ModelConfig(teacher=str(demo / "teacher"), tokenizer=str(demo / "tokenizer"), student_size=size)
     distiller = Distiller(
-        model=ModelConfig(teacher=str(demo / "teacher"), tokenizer=str(demo / "tokenizer"), student_size=size),
-        method=MethodConfig(name=preset),
+        model=model,
+        method=MethodConfig(**method_kw),
+        online=OnlineModuleConfig(**online_kw),
         data=DataConfig(
             train_file=str(demo / "data" / "train.jsonl"),
             validation_file=str(demo / "data" / "validation.jsonl"),
-            max_length=128,
+            max_length=tier["max_length"],
             max_validation_examples=128,
+            # A run sees each example at most once: SeqKD generates for exactly the examples it trains on.
+            max_train_examples=args.max_train_examples,
         ),
         train=TrainConfig(
-            max_steps=steps, batch_size=16, learning_rate=2e-3, warmup_steps=max(steps // 20, 1),
+            max_steps=steps, batch_size=tier["batch_size"], learning_rate=tier["learning_rate"],
+            warmup_steps=max(int(steps * tier["warmup_fraction"]), 1),
             lr_scheduler="cosine", seed=seed, log_every=max(steps // 30, 1),
         ),
         eval=EvalConfig(every=args.eval_every),
@@ -73,10 +131,10 @@ def run_one(method: str, size: str, seed: int, args, demo: Path, test_set, workd
             max_new_tokens=args.max_new_tokens,
             # One SeqKD cache file for all runs; SeqKD samples with the run's seed, so each seed
             # regenerates it (that cost is the run's setup seconds).
-            teacher_generations_file=str(workdir / "teacher_generations.jsonl"),
+            teacher_generations_file=str(workdir / f"teacher_generations-{args.tier}.jsonl"),
             **sampling_overrides,
         ),
-        output_dir=str(workdir / f"{size}-{method.replace(':', '-').replace('=', '').replace(';', '-')}-{seed}"),
+        output_dir=str(workdir / run_label(size, method, seed)),
         overwrite=True,
         progress=False,
     )
@@ -91,19 +149,24 @@ def run_one(method: str, size: str, seed: int, args, demo: Path, test_set, workd
         student = distiller.accelerator.unwrap_model(distiller.student)
         scored = evaluate_model(student, distiller.tokenizer, test_set, [seed], generation, progress=False)
         curve.append({"step": distiller.step, "train_seconds": distiller.train_seconds, "rouge_l": scored.rouge_l_mean})
+    validation = evaluate_model(student, distiller.tokenizer, validation_set, [seed], generation, progress=False)
     # Keep the student (and OKD's module) for `okd analyze`; not timed.
     distiller.save()
     return {"method": method, "size": size, "seed": seed, "curve": curve, "final_rouge_l": curve[-1]["rouge_l"],
+            "validation_rouge_l": validation.rouge_l_mean,
+            "validation": {k: v for k, v in distiller.final_metrics.items() if k.startswith("validation_")},
             "train_seconds": distiller.train_seconds, "setup_seconds": setup_seconds}
 
 
 def summarise(runs: list[dict], methods: list[str]) -> dict:
     """Per method: final ROUGE-L mean/std over seeds, training seconds, seconds to 95% of the best."""
     table = {}
+    methods = [m for m in methods if any(r["method"] == m for r in runs)]  # an interrupted grid may lack some
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
         finals = [r["final_rouge_l"] for r in mine]
         table[method] = {
+            "seeds": sorted(r["seed"] for r in mine),
             "rouge_l_mean": statistics.mean(finals),
             "rouge_l_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
             "train_seconds": statistics.mean(r["train_seconds"] for r in mine),
@@ -111,6 +174,10 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
             # training prompt (sampled with the run's seed, so each seed generates its own set).
             "setup_seconds": statistics.mean(r["setup_seconds"] for r in mine),
         }
+        validation = [r["validation_rouge_l"] for r in mine if r.get("validation_rouge_l") is not None]
+        if validation:
+            table[method]["validation_rouge_l_mean"] = statistics.mean(validation)
+            table[method]["validation_rouge_l_std"] = statistics.stdev(validation) if len(validation) > 1 else 0.0
     best = max(v["rouge_l_mean"] for v in table.values())
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
@@ -156,61 +223,116 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--methods", default=DEFAULT_METHODS,
-        help="comma-separated presets; 'preset:field=value;field=value' overrides sampling settings "
-        "(e.g. distillm:init_threshold=0.5)",
+        help="comma-separated presets or OKD design variants (benchmarks/okd_design.py); 'preset:field=value;field=value' "
+        "overrides sampling settings (e.g. distillm:init_threshold=0.5)",
     )
-    parser.add_argument("--student-sizes", default="nano,tiny")
+    parser.add_argument("--tier", choices=tuple(TIERS), default="toy", help="toy: from-scratch models; real: SmolLM2 and students shrunk from it")
+    parser.add_argument("--students", "--student-sizes", dest="students", default=None,
+                        help="toy: student sizes (default nano,tiny); real: layers kept (default 10,4)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-examples", type=int, default=150)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--demo-dir", default="runs/demo-toy", help="where `okd demo` left data, tokenizer and teacher")
+    parser.add_argument("--max-train-examples", type=int, default=None, help="training examples loaded (default: all)")
+    parser.add_argument("--demo-dir", default=None, help="where `okd demo` left data and teacher (default: the tier's demo directory)")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="2 methods, 1 size, 2 seeds, 20 steps")
+    parser.add_argument("--quick", action="store_true", help="2 methods, 1 student, 2 seeds, 20 steps")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and figures from <out>/results.json")
     args = parser.parse_args()
+    args.demo_dir = args.demo_dir or TIERS[args.tier]["demo_dir"]
+    args.students = args.students or TIERS[args.tier]["students"]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.methods, args.student_sizes, args.seeds = "sft,kd", "nano", "0,1"
+        args.methods, args.students, args.seeds = "sft,kd", args.students.split(",")[0], "0,1"
         args.steps, args.eval_every, args.eval_examples, args.max_new_tokens = 20, 10, 16, 16
 
+    out = Path(args.out)
     if args.report_only:
-        out = Path(args.out)
         results = json.loads((out / "results.json").read_text())
         report(results, results["settings"]["methods"].split(","), out)
         return
     demo = Path(args.demo_dir)
     if not (demo / "teacher" / "config.json").exists():
-        sys.exit(f"no teacher in {demo}: run `okd demo` (or `okd demo --quick --output-dir {demo}`) first")
-    out = Path(args.out)
+        tier_flag = "" if args.tier == "real" else " --tier toy"
+        sys.exit(f"no teacher in {demo}: run `okd demo{tier_flag} --output-dir {demo}` first")
     out.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
+    for method in methods:
+        method_fields(method, args.steps)  # an unknown name stops here, before any training
     seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = args.students.split(",")
 
+    from okd.data import ensure_pad_token
     from okd.models import load_tokenizer
 
-    tokenizer = load_tokenizer(str(demo / "tokenizer"))
-    test_set = InstructionDataset(read_jsonl(demo / "data" / "test.jsonl")[: args.eval_examples], tokenizer, 128)
+    students = None
+    if args.tier == "real":
+        students = real_students(demo, sizes, out)
+        sizes = list(students)
+        # The teacher's tokenizer, so prompts get its chat template, as in training.
+        tokenizer = load_tokenizer(str(demo / "teacher"))
+        ensure_pad_token(tokenizer)
+        split = lambda name: InstructionDataset(  # noqa: E731
+            read_jsonl(demo / "data" / f"{name}.jsonl", tokenizer=tokenizer)[: args.eval_examples], tokenizer, TIERS["real"]["max_length"])
+    else:
+        tokenizer = load_tokenizer(str(demo / "tokenizer"))
+        split = lambda name: InstructionDataset(read_jsonl(demo / "data" / f"{name}.jsonl")[: args.eval_examples], tokenizer, 128)  # noqa: E731
+    eval_sets = (split("test"), split("validation"))
+    settings = {**vars(args), "students": ",".join(sizes)}
     results = {
         "command": " ".join(["python", "benchmarks/compare_methods.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
-        "settings": vars(args),
-        "sizes": {},
+        "settings": settings,
+        "sizes": {size: {"runs": []} for size in sizes},
+        "total_seconds": 0.0,
     }
-    started = time.perf_counter()
-    for size in args.student_sizes.split(","):
-        runs = []
-        for method in methods:
-            for seed in seeds:
-                runs.append(run_one(method, size, seed, args, demo, test_set, out / "runs"))
-                print(f"{size} {method} seed {seed}: ROUGE-L {runs[-1]['final_rouge_l']:.2f} in {runs[-1]['train_seconds']:.1f} s", flush=True)
-        results["sizes"][size] = {"runs": runs}
-    results["total_seconds"] = time.perf_counter() - started
+    previous = _previous_runs(out, settings)
+    started, before = time.perf_counter(), sum(r.get("wall_seconds", 0.0) for r in previous.values())
+    # Round robin over seeds: seed s of every (student, method) before any seed s + 1, so an
+    # interrupted grid still has comparable seeds for all.
+    for seed in seeds:
+        for size in sizes:
+            for method in methods:
+                key = (size, method, seed)
+                if key in previous:
+                    run = previous[key]
+                else:
+                    run_started = time.perf_counter()
+                    run = run_one(method, size, seed, args, demo, eval_sets, out / "runs", students)
+                    run["wall_seconds"] = time.perf_counter() - run_started
+                    print(f"{size} {method} seed {seed}: ROUGE-L {run['final_rouge_l']:.2f} (validation "
+                          f"{run['validation_rouge_l']:.2f}) in {run['train_seconds']:.1f} s", flush=True)
+                results["sizes"][size]["runs"].append(run)
+                results["total_seconds"] = before + time.perf_counter() - started
+                write_json_atomic(out / "results.json", results)
     report(results, methods, out)
+
+
+def _previous_runs(out: Path, settings: dict) -> dict:
+    """Finished runs of an earlier invocation with the same ``--out``, by (student, method, seed), when
+    every setting that shapes a run is the same (methods, students and seeds may differ)."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    stored = json.loads(path.read_text())
+    shaping = ("tier", "steps", "eval_every", "eval_examples", "max_new_tokens", "max_train_examples", "demo_dir")
+    changed = [k for k in shaping if stored["settings"].get(k) != settings.get(k)]
+    if changed:
+        sys.exit(f"{path} was written with other settings ({', '.join(changed)}): use another --out or the same settings")
+    runs = [r for entry in stored["sizes"].values() for r in entry["runs"]]
+    print(f"reusing {len(runs)} finished runs from {path}", flush=True)
+    return {(r["size"], r["method"], r["seed"]): r for r in runs}
+
+
+SAMPLING_METHODS = ("seqkd", "imitkd", "gkd", "distillm", "minillm")
+
+
+def _pm(row: dict, key: str) -> str:
+    return f"{row[f'{key}_mean']:.2f} +- {row[f'{key}_std']:.2f}" if f"{key}_mean" in row else "-"
 
 
 def report(results: dict, methods: list[str], out: Path) -> None:
@@ -223,33 +345,59 @@ def report(results: dict, methods: list[str], out: Path) -> None:
     ]
     for size, entry in results["sizes"].items():
         table = summarise(entry["runs"], methods)
+        if not table:
+            continue
+        present = list(table)
         entry["summary"] = table
-        plot(table, methods, size, out)
+        plot(table, present, size, out)
         lines += [
             f"### Student `{size}`",
             "",
-            "| method | final ROUGE-L | training seconds | setup seconds (SeqKD: teacher generation) | training + setup | seconds to 95% of best |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| method | seeds | final ROUGE-L (test) | validation ROUGE-L | training seconds | setup seconds (SeqKD: teacher generation) "
+            "| training + setup | seconds to 95% of best |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for method in methods:
+        for method in present:
             row = table[method]
             reach = f"{row['seconds_to_95pct_of_best']:.1f}" if row["seconds_to_95pct_of_best"] is not None else "not reached"
             lines.append(
-                f"| {method} | {row['rouge_l_mean']:.2f} +- {row['rouge_l_std']:.2f} | {row['train_seconds']:.1f} "
-                f"| {row['setup_seconds']:.1f} | {row['train_seconds'] + row['setup_seconds']:.1f} | {reach} |"
+                f"| {method} | {len(row['seeds'])} | {row['rouge_l_mean']:.2f} +- {row['rouge_l_std']:.2f} | {_pm(row, 'validation_rouge_l')} "
+                f"| {row['train_seconds']:.1f} | {row['setup_seconds']:.1f} | {row['train_seconds'] + row['setup_seconds']:.1f} | {reach} |"
             )
         lines.append("")
-        sgo = [m for m in methods if parse_method(m)[0] in ("seqkd", "imitkd", "gkd", "distillm")]
-        if "okd" in methods and sgo:
+        sgo = [m for m in present if parse_method(m)[0] in SAMPLING_METHODS]
+        if "okd" in table and sgo:
             # SeqKD's cost is mostly its teacher generation, so compare training + setup for all.
-            total = {m: table[m]["train_seconds"] + table[m]["setup_seconds"] for m in methods}
+            total = {m: table[m]["train_seconds"] + table[m]["setup_seconds"] for m in present}
             ratios = {m: total[m] / total["okd"] for m in sgo}
             entry["generated_output_methods_over_okd_seconds"] = ratios
             lines += ["Training + setup seconds of each generated-output method / OKD's: "
                       + ", ".join(f"{m} {r:.2f}x" for m, r in ratios.items()), ""]
+        lines += _okd_selection(table, entry)
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _okd_selection(table: dict, entry: dict) -> list[str]:
+    """When OKD design variants ran: the one selected on *validation* ROUGE-L, and whether it beats KD
+    beyond the seed spread on validation and on test (okd_design.py's rules)."""
+    variants = {m: row for m, row in table.items() if (m == "okd" or m.startswith("okd_")) and "validation_rouge_l_mean" in row}
+    if len(variants) < 2 or "kd" not in table or "validation_rouge_l_mean" not in table["kd"]:
+        return []
+    from okd_design import _verdict, beats, select
+
+    selected = select(variants, baseline="kd")
+    test_view = lambda row: {**row, "test_rouge_l_mean": row["rouge_l_mean"], "test_rouge_l_std": row["rouge_l_std"]}  # noqa: E731
+    on_validation = beats(variants[selected], table["kd"])
+    on_test = beats(test_view(variants[selected]), test_view(table["kd"]), "test")
+    entry["okd_selected"] = {"variant": selected, "beats_kd_validation": on_validation, "beats_kd_test": on_test}
+    return [
+        f"OKD design selected on validation ROUGE-L among {', '.join(variants)}: **{selected}** "
+        f"({_pm(variants[selected], 'validation_rouge_l')} vs kd {_pm(table['kd'], 'validation_rouge_l')}); on validation it "
+        f"{_verdict(on_validation, 'kd')}; on test it {_verdict(on_test, 'kd')}.",
+        "",
+    ]
 
 
 if __name__ == "__main__":

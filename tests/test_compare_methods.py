@@ -19,9 +19,9 @@ def bench():
     return module
 
 
-def _run(method, seed, curve, setup=1.0):
+def _run(method, seed, curve, setup=1.0, validation=None):
     return {
-        "method": method, "size": "nano", "seed": seed, "setup_seconds": setup,
+        "method": method, "size": "nano", "seed": seed, "setup_seconds": setup, "validation_rouge_l": validation,
         "curve": [{"step": 10 * (i + 1), "train_seconds": t, "rouge_l": r} for i, (t, r) in enumerate(curve)],
         "final_rouge_l": curve[-1][1], "train_seconds": curve[-1][0],
     }
@@ -63,7 +63,50 @@ def test_report_writes_table_ratios_and_figures(bench, tmp_path):
     # (20 + 1) / (10 + 1): training + setup seconds of GKD over OKD's.
     assert written["sizes"]["nano"]["generated_output_methods_over_okd_seconds"]["gkd"] == pytest.approx(21 / 11)
     table = (tmp_path / "results.md").read_text()
-    assert "| gkd | 6.00 +- 0.00 | 20.0 | 1.0 | 21.0 | 20.0 |" in table
-    assert "| okd | 5.00 +- 0.00 | 10.0 | 1.0 | 11.0 | not reached |" in table
+    assert "| gkd | 2 | 6.00 +- 0.00 | - | 20.0 | 1.0 | 21.0 | 20.0 |" in table
+    assert "| okd | 2 | 5.00 +- 0.00 | - | 10.0 | 1.0 | 11.0 | not reached |" in table
     assert (tmp_path / "rouge_vs_time_nano.png").stat().st_size > 0
     assert (tmp_path / "final_rouge_nano.png").stat().st_size > 0
+
+
+def test_method_fields_reads_presets_and_okd_design_variants(bench):
+    assert bench.method_fields("distillm:init_threshold=0.5", 90) == ({"name": "distillm"}, {}, {"init_threshold": 0.5})
+    method, online, overrides = bench.method_fields("okd_jsd", 90)
+    assert method == {"name": "okd"} and online["divergence"] == "jsd" and overrides == {}
+    assert bench.method_fields("okd_late", 90)[1]["start_step"] == 30  # "T/3" of 90 steps
+    with pytest.raises(SystemExit, match="unknown method 'okd_nope'"):
+        bench.method_fields("okd_nope", 90)
+
+
+def test_okd_variants_are_selected_on_validation_not_test(bench, tmp_path):
+    # okd_a is best on test, okd_b on validation: the selection must follow validation.
+    runs = [_run("kd", s, [(1.0, 5.0)], validation=5.0 + s) for s in (0, 1)]
+    runs += [_run("okd_a", s, [(1.0, 9.0 + s)], validation=4.0) for s in (0, 1)]
+    runs += [_run("okd_b", s, [(1.0, 6.0)], validation=9.0 + 0.1 * s) for s in (0, 1)]
+    results = {
+        "command": "c", "total_seconds": 1.0, "machine": {"cpu_count": 2, "torch": "x"},
+        "settings": {"methods": "kd,okd_a,okd_b"}, "sizes": {"nano": {"runs": runs}},
+    }
+    bench.report(results, ["kd", "okd_a", "okd_b"], tmp_path)
+    selected = json.loads((tmp_path / "results.json").read_text())["sizes"]["nano"]["okd_selected"]
+    # kd validation 5.5 +- 0.71; okd_b 9.05 +- 0.07: beyond the spread. On test okd_b 6.0 vs kd 5.0 +- 0: also.
+    assert selected == {"variant": "okd_b", "beats_kd_validation": True, "beats_kd_test": True}
+    assert "**okd_b**" in (tmp_path / "results.md").read_text()
+
+
+def test_an_interrupted_grid_reports_the_methods_it_has(bench, tmp_path):
+    runs = [_run("kd", 0, [(1.0, 5.0)])]
+    results = {"command": "c", "total_seconds": 1.0, "machine": {"cpu_count": 2, "torch": "x"},
+               "settings": {"methods": "kd,okd"}, "sizes": {"nano": {"runs": runs}}}
+    bench.report(results, ["kd", "okd"], tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert "| kd | 1 |" in table and "| okd |" not in table
+
+
+def test_a_rerun_with_other_settings_is_refused(bench, tmp_path):
+    settings = {"tier": "toy", "steps": 10, "eval_every": 5, "eval_examples": 4, "max_new_tokens": 8,
+                "max_train_examples": None, "demo_dir": "d"}
+    (tmp_path / "results.json").write_text(json.dumps({"settings": settings, "sizes": {"nano": {"runs": [_run("kd", 0, [(1.0, 5.0)])]}}}))
+    assert list(bench._previous_runs(tmp_path, settings)) == [("nano", "kd", 0)]
+    with pytest.raises(SystemExit, match=r"other settings \(steps\)"):
+        bench._previous_runs(tmp_path, {**settings, "steps": 20})
