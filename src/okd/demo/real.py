@@ -24,36 +24,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, TrainConfig
+from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, SamplingConfig, TrainConfig
 from okd.io import write_json
 
-REAL_METHODS = ["sft", "kd", "rkl", "okd"]
+REAL_METHODS = ["sft", "kd", "rkl", "okd", "gkd", "distillm"]
 
 
 @dataclass
 class RealDemoSettings:
-    """Sizes and budgets of the real-tier demo, cut to fit 30 minutes on a 2-core CPU shared with other jobs.
+    """Sizes and budgets of the real-tier demo, cut to fit 30 minutes on a 2-core CPU from an empty run directory.
 
-    Measured costs (issue 13, on that CPU alone): one sft step of the 135M teacher (batch 8, ~75
-    tokens) ~3.4 s; one kd step of a 10-of-30-layer student ~3.4 s (the teacher's forward ~1.4 s). With
-    ~5 other busy processes on the 2 cores (load average ~6), one forward+backward of the teacher on
-    8 x 75 tokens took 20.8 s with 1 torch thread and 54 s with 2 (OpenMP threads spin against each
-    other), so the demo uses 1 thread when the load average shows other jobs (``torch_threads``) and
-    these sizes: 12 teacher steps, 8 steps per student, 24 test examples (on the busy CPU a teacher step took
-    ~43 s, and one generation pass of the teacher over 40 test prompts 107 s). The built-in prompts are
-    ~54 tokens with the chat template and the answers ~11, so 96 tokens hold the examples and 20
-    new tokens nearly twice the mean answer.
+    Measured costs on that CPU (``benchmarks/results/step_time_real.md``): one kd step of the
+    10-of-30-layer student, batch 8, ~3.8 s (loss-position heads, the default), okd ~4.1 s; issue 13's
+    probe: one sft step of the 135M teacher ~3.4 s. One generation pass over 32 test prompts (24 new
+    tokens) took 6-15 s for that student and about twice that for the teacher. Hence 40 teacher steps,
+    30 steps per student, six methods, 32 test examples, two sampling seeds and greedy. The built-in
+    prompts are ~54 tokens with the chat template and the answers ~11, so 96 tokens hold the examples
+    and 20 new tokens nearly twice the mean answer. ``benchmarks/compare_methods.py --tier real`` uses
+    the same teacher, student and training settings, so its spread over training seeds is this table's.
+    On a CPU shared with other jobs (load average above the core count) the demo uses 1 torch thread
+    (``torch_threads``): oversubscribed OpenMP threads spin against each other (a teacher step took 20.8 s
+    with 1 thread and 54 s with 2 at load average ~6).
     """
 
     source: str = "smollm2"
     """What `okd model convert` turns into the base model: `smollm2` (the installed package) or a .gguf file."""
-    teacher_steps: int = 12
+    teacher_steps: int = 40
     """sft steps that fine-tune the base model into the teacher."""
     teacher_learning_rate: float = 1e-4
     """Peak learning rate of the teacher's fine-tuning."""
     student_layers: int = 10
     """Layers of the teacher the student keeps (evenly spaced, first and last included)."""
-    student_steps: int = 8
+    student_steps: int = 30
     """Distillation steps per method."""
     student_learning_rate: float = 5e-4
     """Peak learning rate of the students (higher than the teacher's: a depth-pruned model needs healing)."""
@@ -61,12 +63,12 @@ class RealDemoSettings:
     max_length: int = 96
     validation_examples: int = 16
     """Validation examples for the held-out loss at the end of each run."""
-    eval_examples: int = 24
+    eval_examples: int = 32
     """First N examples of the built-in test split that every model is scored on."""
-    eval_seeds: list[int] = field(default_factory=lambda: [10, 20, 30])
+    eval_seeds: list[int] = field(default_factory=lambda: [10, 20])
     """Sampling seeds (temperature 1); greedy decoding is scored too."""
     max_new_tokens: int = 20
-    eval_batch_size: int = 24
+    eval_batch_size: int = 32
     torch_threads: Optional[int] = None
     """CPU threads of torch. Empty: every core when the 1-minute load average is below the core count,
     else 1 (see above). Not part of any cache key: it changes the speed, not the result beyond rounding."""
@@ -244,6 +246,8 @@ def _distil_and_score(job) -> tuple[str, dict, dict]:
         data=data,
         train=_train_config(settings, settings.student_steps, settings.student_learning_rate),
         eval=EvalConfig(every=0),
+        # gkd / distillm generate from the student as long as the evaluation does.
+        sampling=SamplingConfig(max_new_tokens=settings.max_new_tokens),
         output_dir=str(out / "methods" / name),
         overwrite=True,
     )

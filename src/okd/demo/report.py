@@ -90,26 +90,26 @@ def write_real_report(results: dict, out: Path) -> Path:
         "",
         f"The +- is the standard deviation over the {len(s['eval_seeds'])} sampling seeds of one trained model per row: "
         "it measures the evaluation's sampling noise only. Every model here is trained once, with training seed "
-        f"{s['seed']}; the spread over training seeds (data order, OKD's online-module initialisation) is not "
-        "measured, because one more seed of the four students costs about as much as the whole distillation stage "
-        "again. The greedy column has no sampling noise, so it changes between runs only through the trained "
-        "weights: the same machine, software, settings and torch thread count should repeat it (not measured "
-        "here); another CPU or another thread count (the demo picks 1 thread on a busy machine) sums in another "
-        "order, which can flip a few tokens, and 20-step students trained from a broken pruned model are "
-        "sensitive to that. Differences between methods smaller than about twice the sampling spread "
-        "are not evidence of a difference.",
+        f"{s['seed']}. The spread over training seeds (data order, OKD's online-module initialisation, the "
+        "sampling methods' draws) is measured by `benchmarks/compare_methods.py --tier real`, with this demo's "
+        "teacher, student and training settings and more test examples: see docs/results/real/README.md. "
+        "The greedy column has no sampling noise, so it changes between runs only through the trained "
+        "weights: another CPU or another torch thread count (the demo picks 1 thread on a busy machine) sums in "
+        "another order, which can flip a few tokens of a student trained for a few dozen steps. With "
+        f"{s['eval_examples']} test examples, differences between methods of a few ROUGE-L points are within "
+        "the noise of the examples alone.",
         "",
         "## What the budget cut",
         "",
-        f"The demo must finish within 30 minutes on a 2-core CPU, which on a CPU shared with other jobs leaves "
-        f"{s['teacher_steps']} sft steps for the teacher, {s['student_steps']} steps per student and "
-        f"{s['eval_examples']} test examples. For scale, issue 13's probe on the same CPU alone: 150 sft steps gave "
-        "a teacher of 20.1 +- 1.3 ROUGE-L on 150 test examples, and 150 kd steps took the 10-layer student from "
-        "0.1 to 9.1 +- 0.8. Left out: `gkd` and `distillm` (they generate from the student during training), more "
+        f"The demo must finish within 30 minutes on a 2-core CPU from an empty run directory, which leaves "
+        f"{s['teacher_steps']} sft steps for the teacher, {s['student_steps']} steps per student, "
+        f"{s['eval_examples']} test examples and one training seed. For scale, issue 13's probe on the same CPU: 150 "
+        "sft steps gave a teacher of 20.1 +- 1.3 ROUGE-L on 150 test examples, and 150 kd steps took the 10-layer "
+        "student from 0.1 to 9.1 +- 0.8. Left out: `seqkd`, `imitkd` and `minillm` (the comparison has them), more "
         "than one training seed, a CE warm-up (\"heal\") of the pruned student before distillation, and other "
-        "layer choices than evenly spaced (the `sft` row is the CE-only baseline a warm-up would start from; "
-        "the method comparison is the place for those). With so few steps the students are far from converged: "
-        "the table shows which methods move a pruned student fastest, not where they end.",
+        "layer choices than evenly spaced (the `sft` row is the CE-only baseline a warm-up would start from). "
+        "With so few steps the students are far from converged: the table shows which methods move a pruned "
+        "student fastest, not where they end.",
         "",
         "## Time",
         "",
