@@ -3,6 +3,8 @@
 Usage:
     python benchmarks/analyze_comparison.py --size nano --out docs/results/analysis_nano
     python benchmarks/analyze_comparison.py --size tiny --out docs/results/analysis_tiny
+    python benchmarks/analyze_comparison.py --size 10l --demo-dir runs/demo --compare-dir docs/results/real/compare \\
+        --methods sft,kd,rkl,okd --seeds 0,1 --max-new-tokens 20 --out docs/results/real/analysis_10l
 
 Reads ``<compare-dir>/runs/<size>-<method>-<seed>/student`` (the comparison keeps them) and the demo's
 teacher and test split. Runs ``okd.analysis.run_analysis`` once over all of them (same examples, same
@@ -26,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from okd.analysis import make_plots, run_analysis  # noqa: E402
-from okd.data import InstructionDataset, read_jsonl  # noqa: E402
+from okd.data import InstructionDataset, ensure_pad_token, read_jsonl  # noqa: E402
 from okd.evaluation import GenerationConfig, evaluate_model, write_json_atomic  # noqa: E402
 from okd.models import load_tokenizer  # noqa: E402
 
@@ -52,7 +54,7 @@ COLUMNS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", required=True, help="student size of the comparison (nano, tiny, ...)")
+    parser.add_argument("--size", required=True, help="student of the comparison: a toy size (nano, tiny, ...) or a real-tier depth (10l, 4l)")
     parser.add_argument("--methods", default="sft,kd,rkl,okd,seqkd,imitkd,gkd,distillm")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--compare-dir", default="runs/compare")
@@ -81,8 +83,12 @@ def main() -> None:
     )
     # The comparison samples at temperature 1, which favours low-entropy students; greedy decoding
     # separates "ranks the right token first" from "is sharp enough to sample well".
-    tokenizer = load_tokenizer(str(Path(args.demo_dir) / "tokenizer"))
-    test = InstructionDataset(read_jsonl(Path(args.demo_dir) / "data" / "test.jsonl")[: args.greedy_examples], tokenizer, 128)
+    # The toy demo keeps its tokenizer beside the teacher, the real one inside it (with the chat
+    # template, which read_jsonl then applies to the prompts, as training did).
+    demo = Path(args.demo_dir)
+    tokenizer = load_tokenizer(str(demo / "tokenizer" if (demo / "tokenizer").exists() else demo / "teacher"))
+    ensure_pad_token(tokenizer)
+    test = InstructionDataset(read_jsonl(demo / "data" / "test.jsonl", tokenizer=tokenizer)[: args.greedy_examples], tokenizer, 128)
     greedy = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False)
     for name, path in zip(names, students):
         model = AutoModelForCausalLM.from_pretrained(str(Path(path) / "student"))
