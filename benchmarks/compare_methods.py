@@ -324,8 +324,11 @@ def _previous_runs(out: Path, settings: dict) -> dict:
     if not path.exists():
         return {}
     stored = json.loads(path.read_text())
-    shaping = ("tier", "steps", "eval_every", "eval_examples", "max_new_tokens", "max_train_examples", "demo_dir")
-    changed = [k for k in shaping if stored["settings"].get(k) != settings.get(k)]
+    # (Not the demo directory: the toy demo moved from runs/demo to runs/demo-toy with the same teacher.)
+    shaping = ("tier", "steps", "eval_every", "eval_examples", "max_new_tokens", "max_train_examples")
+    # Results written before the real tier existed were toy-tier runs over every training example.
+    written = {"tier": "toy", "max_train_examples": None, **stored["settings"]}
+    changed = [k for k in shaping if written.get(k) != settings.get(k)]
     if changed:
         sys.exit(f"{path} was written with other settings ({', '.join(changed)}): use another --out or the same settings")
     runs = [r for entry in stored["sizes"].values() for r in entry["runs"]]

@@ -105,8 +105,17 @@ def test_an_interrupted_grid_reports_the_methods_it_has(bench, tmp_path):
 
 def test_a_rerun_with_other_settings_is_refused(bench, tmp_path):
     settings = {"tier": "toy", "steps": 10, "eval_every": 5, "eval_examples": 4, "max_new_tokens": 8,
-                "max_train_examples": None, "demo_dir": "d"}
+                "max_train_examples": None}
     (tmp_path / "results.json").write_text(json.dumps({"settings": settings, "sizes": {"nano": {"runs": [_run("kd", 0, [(1.0, 5.0)])]}}}))
     assert list(bench._previous_runs(tmp_path, settings)) == [("nano", "kd", 0)]
     with pytest.raises(SystemExit, match=r"other settings \(steps\)"):
         bench._previous_runs(tmp_path, {**settings, "steps": 20})
+
+
+def test_results_written_before_the_real_tier_count_as_toy_runs(bench, tmp_path):
+    old = {"steps": 10, "eval_every": 5, "eval_examples": 4, "max_new_tokens": 8, "demo_dir": "runs/demo"}
+    (tmp_path / "results.json").write_text(json.dumps({"settings": old, "sizes": {"nano": {"runs": [_run("kd", 0, [(1.0, 5.0)])]}}}))
+    now = {**old, "tier": "toy", "max_train_examples": None, "demo_dir": "runs/demo-toy"}
+    assert list(bench._previous_runs(tmp_path, now)) == [("nano", "kd", 0)]
+    with pytest.raises(SystemExit, match=r"other settings \(tier\)"):
+        bench._previous_runs(tmp_path, {**now, "tier": "real"})
