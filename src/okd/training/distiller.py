@@ -57,7 +57,9 @@ from okd.teacher import Teacher
 
 from . import checkpoint as ckpt
 from .cached import cache_identity, cached_forward_losses, check_cache_config, open_teacher_cache
-from .distributed import Processes, TokenCount, local_tokens, make_accelerator, peak_memory_mb
+from .distributed import (
+    Processes, TokenCount, check_sharding_request, local_tokens, plain_norm, make_accelerator, peak_memory_mb, place_teacher, sharding,
+)
 from .setup import check_output_dir, clear_output_dir, load_datasets, load_models
 from .signals import StopOnSignal
 from .validation import validation_metrics
@@ -113,7 +115,9 @@ class Distiller:
         self.method, self.sampling = config.resolved()
         self.online_config = config.online if self.method.online_teacher else None
         self.output = Path(config.output_dir)
+        check_sharding_request(config)  # FSDP / DeepSpeed: refused in one line before any model loads
         self.accelerator = accelerator = make_accelerator(train, self.output)
+        self.sharding = sharding(accelerator)  # "fsdp", "zero3", "zero" or None
         self.processes = Processes(accelerator)
         check_output_dir(self.output, config.overwrite, config.resume)
         check_cache_config(config, self.method)
@@ -122,7 +126,7 @@ class Distiller:
         self.tokenizer, student, teacher_model = load_models(config.model, self.method, train, config.data.max_length)
         self.teacher: Teacher | None = None
         if teacher_model is not None and self.method.needs_teacher_logits:
-            self.teacher = Teacher(teacher_model, self.online_config, seed=train.seed).to(accelerator.device)
+            self.teacher = Teacher(teacher_model, self.online_config, seed=train.seed)  # placed below
         self.train_set, self.validation_set = load_datasets(config.data, self.tokenizer)
         # model.teacher_cache: the teacher's outputs are read from disk (okd.training.cached); every process opens it.
         self.teacher_cache = open_teacher_cache(config, self.method, self.tokenizer, student, self.train_set)
@@ -158,6 +162,8 @@ class Distiller:
         optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
         self.student, self.optimizer = accelerator.prepare(student, optimizer)
         self.student_parameters = [p for p in self.student.parameters() if p.requires_grad]
+        if self.teacher is not None:  # sharded like the student under FSDP2 / ZeRO-3 (after it: DeepSpeed's config is final)
+            self.teacher = place_teacher(accelerator, self.teacher)
         # Not prepared: Accelerate's wrapper would step the schedule once per process per optimizer step.
         self.scheduler = ckpt.learning_rate_schedule(self.optimizer, train, self.schedule_horizon)
         self.module_optimizer = None
@@ -215,7 +221,7 @@ class Distiller:
         losses = parts[0] if len(parts) == 1 else token_weighted(parts, micro_tokens)
         losses.tokens = tokens
         max_norm = self.train_config.max_grad_norm
-        grad_norm = accelerator.clip_grad_norm_(self.student_parameters, max_norm if max_norm is not None else math.inf)
+        grad_norm = plain_norm(accelerator.clip_grad_norm_(self.student_parameters, max_norm if max_norm is not None else math.inf))
         if update_module:
             processes.average_gradients(self.teacher.module_parameters())
             grad_norm = grad_norm + torch.nn.utils.clip_grad_norm_(self.teacher.module_parameters(), math.inf)
@@ -291,6 +297,9 @@ class Distiller:
         train, student = self.train_config, self.accelerator.unwrap_model(self.student)
         if self.teacher_cache is not None or self.minillm_loss is not None:
             return "full"  # these compute their own losses (okd.training.cached, okd.objectives)
+        if self.sharding == "zero3":
+            # ZeRO-3 gathers a weight only inside its module's forward; the fused loss reads the head weights directly.
+            train = dataclasses.replace(train, fused_loss=False)
         if not train.loss_positions_only or not head_on_positions_supported(student) or (
             self.teacher is not None and not self.teacher.supports_positions
         ):
@@ -501,6 +510,11 @@ class Distiller:
         accelerator = self.accelerator
         consistent = self.module_consistent_across_processes()
         source_consistent = self.source_consistent_across_processes()
+        # Sharded (FSDP2 / ZeRO-3): every process takes part in gathering the full weights, rank 0 gets them.
+        full_state = accelerator.get_state_dict(self.student) if self.sharding in ("fsdp", "zero3") else None
+        if full_state is not None:  # tied weights appear once, as in an unsharded save
+            kept = {n for n, _ in self.student.named_parameters()} | {n for n, _ in self.student.named_buffers()}
+            full_state = {n: v for n, v in full_state.items() if n in kept}
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             from okd.models import merged_lora_model, save_pretrained_atomic
@@ -510,7 +524,7 @@ class Distiller:
                 # The adapter alone (peft's format), and the merged student: a plain transformers model.
                 save_pretrained_atomic(student, self.tokenizer, self.output / "student_adapter")
                 student = merged_lora_model(student)
-            save_pretrained_atomic(student, self.tokenizer, self.output / "student")
+            save_pretrained_atomic(student, self.tokenizer, self.output / "student", state_dict=full_state)
             if self.online_config is not None:
                 self.teacher.save_module(self.output / "online_module")
             summary = {

@@ -9,6 +9,8 @@ must be the same on every rank (stop, skip a non-finite step) are agreed on with
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +27,59 @@ def has_accelerator_device() -> bool:
     return hasattr(torch, "xpu") and torch.xpu.is_available()
 
 
+def requested_sharding() -> str | None:
+    """``"fsdp"`` or ``"deepspeed"`` when the launch asks for one (``accelerate launch --config_file
+    configs/accelerate/fsdp.yaml`` sets ``ACCELERATE_USE_FSDP=true``, a DeepSpeed config
+    ``ACCELERATE_USE_DEEPSPEED=true``), else None (one process, or DDP)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    return None
+
+
+def check_sharding_request(config) -> None:
+    """Refuse, in one line and before any model loads, a sharded run okd cannot do (``config``: the
+    DistillConfig). Accelerate itself would silently fall back to one unsharded process."""
+    kind = requested_sharding()
+    if kind is None:
+        return
+    flag = "ACCELERATE_USE_FSDP=true" if kind == "fsdp" else "ACCELERATE_USE_DEEPSPEED=true"
+    asked = f"{'FSDP' if kind == 'fsdp' else 'DeepSpeed'} was asked for (distributed_type in the accelerate config, {flag})"
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes < 2:
+        raise ValueError(f"{asked} in one process: launch 2 or more (accelerate launch --num_processes N) or drop that config")
+    if kind == "fsdp" and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError(f"{asked} with fsdp_version {os.environ.get('FSDP_VERSION', '1')}: okd supports FSDP2 only (fsdp_version: 2)")
+    if kind == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ImportError(f"{asked} but the deepspeed package is not installed (pip install deepspeed)")
+        if not has_accelerator_device():
+            raise ValueError(f"{asked} on a machine without a GPU: DeepSpeed needs one (use configs/accelerate/fsdp.yaml or ddp.yaml)")
+        if config.train.gradient_accumulation_steps > 1:
+            raise ValueError(
+                f"{asked} with train.gradient_accumulation_steps={config.train.gradient_accumulation_steps}: "
+                "DeepSpeed steps inside each backward, so okd's accumulation is not supported there; use 1"
+            )
+    method = config.resolved()[0]
+    if method.source != "ground_truth":
+        # Sharded generation needs every rank in every forward (synced generation): not wired yet.
+        raise ValueError(f"{asked} with method {method.name!r} (source {method.source}): sharded runs support ground_truth sources only")
+    if config.model.teacher_cache:
+        raise ValueError(f"{asked} with model.teacher_cache: a cached teacher is not supported sharded yet; drop one of them")
+    if config.model.student_lora is not None:
+        raise ValueError(f"{asked} with model.student_lora: a LoRA student is not supported sharded yet; drop one of them")
+    if method.online_teacher and config.online.kind != "adapter":
+        raise ValueError(
+            f"{asked} with online.kind={config.online.kind!r}: its weights live inside the sharded teacher; use online.kind=adapter"
+        )
+
+
 def make_accelerator(train, output_dir):
     """The run's ``accelerate.Accelerator`` (``train``: the TrainConfig)."""
     from accelerate import Accelerator
 
-    return Accelerator(
+    accelerator = Accelerator(
         # Without an accelerator device, say so: Accelerate then runs several processes with gloo
         # (`accelerate launch --multi_gpu --num_processes 2` on a CPU machine) instead of one.
         cpu=not has_accelerator_device(),
@@ -40,6 +90,84 @@ def make_accelerator(train, output_dir):
         # process per optimizer step; this keeps a prepared one right too.
         step_scheduler_with_optimizer=False,
     )
+    if requested_sharding() == "fsdp" and not accelerator.is_fsdp2:
+        enable_fsdp2_on_cpu(accelerator)
+    return accelerator
+
+
+def enable_fsdp2_on_cpu(accelerator) -> None:
+    """Switch Accelerate's FSDP2 on for CPU processes (gloo), where Accelerate leaves it off: torch's
+    ``fully_shard`` runs there, and the CPU run then takes the very code path of a GPU run (the
+    tests' 2-process FSDP runs)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = AcceleratorState()
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables accelerate launch set
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    assert accelerator.is_fsdp2, "could not switch FSDP2 on"
+
+
+def sharding(accelerator) -> str | None:
+    """``"fsdp"`` (FSDP2), ``"zero3"``, ``"zero"`` (DeepSpeed stage 1/2) or None for ``accelerator``."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.is_fsdp2:
+        return "fsdp"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return "zero3" if accelerator.state.deepspeed_plugin.zero_stage == 3 else "zero"
+    return None
+
+
+def place_teacher(accelerator, teacher):
+    """Put the frozen ``teacher`` (an ``okd.teacher.Teacher``) where the run needs it.
+
+    FSDP2: its HF model is sharded like the student (Accelerate's ``fsdp2_prepare_model``: one group
+    per transformer layer; no optimizer), so each process holds 1/N of it. ZeRO-3: a DeepSpeed engine
+    without optimizer partitions it (:func:`deepspeed_inference_engine`). Otherwise (one process, DDP,
+    ZeRO-1/2, which partition only training state) it is whole on every device. OKD's online adapter
+    is not inside the HF model: it stays whole on every process, and its gradients are averaged
+    explicitly (``Processes.average_gradients``), as under DDP.
+    """
+    kind = sharding(accelerator)
+    if kind == "fsdp":
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        fsdp2_prepare_model(accelerator, teacher.module.model)  # in place
+    elif kind == "zero3":
+        teacher.engine = deepspeed_inference_engine(accelerator, teacher.module.model)
+    return teacher.to(accelerator.device)
+
+
+def deepspeed_inference_engine(accelerator, model):
+    """A ZeRO-3 engine around the frozen ``model`` with no optimizer, in eval mode (as TRL prepares its
+    reference and teacher models): DeepSpeed partitions the weights and gathers each layer's for its
+    forward. Called after the student was prepared, so the plugin's config has no "auto" left. Its
+    hooks sit on ``model``'s own modules: okd keeps calling ``model``."""
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    hidden = getattr(model.config, "hidden_size", None)
+    if hidden is not None:  # buckets sized for the teacher, not the student
+        config["zero_optimization"].update(
+            reduce_bucket_size=hidden * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+            stage3_param_persistence_threshold=10 * hidden,
+        )
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def plain_norm(norm) -> torch.Tensor:
+    """A gradient norm from ``accelerator.clip_grad_norm_`` as a plain tensor: FSDP2 returns a
+    replicated DTensor, DeepSpeed (which clips inside its own step) may return None (then 0)."""
+    if norm is None:
+        return torch.zeros(())
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def local_tokens(labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""Run under `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2` by
+tests/test_sharded.py (not a test module itself).
+
+Trains KD and then OKD in the tiny setting through the public ``Distiller`` with FSDP2 (2 CPU
+processes, gloo) and writes, per rank, what the rank holds: ``OUTPUT_DIR/{method}_rank{i}.json`` with
+the numbers of teacher and student parameter elements stored on this rank (``local``) and in the
+whole model (``total``), before training and after it, and whether OKD's online adapter is a plain
+(replicated) tensor. The runs themselves go to ``OUTPUT_DIR/{method}/``.
+
+Usage: ``fsdp_worker.py SETTING_JSON OUTPUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_sharded
+
+import torch  # noqa: E402
+from test_sharded import sharded_configs  # noqa: E402
+
+from okd.training import Distiller  # noqa: E402
+
+
+def held(parameters) -> dict:
+    """Elements of ``parameters`` stored on this rank (a DTensor's local shard) and in total."""
+    parameters = list(parameters)
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in parameters)
+    return {"local": local, "total": sum(p.numel() for p in parameters)}
+
+
+def main(setting_json: str, output_dir: str) -> None:
+    torch.set_num_threads(1)
+    setting = json.loads(Path(setting_json).read_text())
+    out = Path(output_dir)
+    for method in ("kd", "okd"):
+        distiller = Distiller(**sharded_configs(setting, method, batch_size=4), output_dir=str(out / method))
+        report = {
+            "sharding": distiller.sharding,
+            "num_processes": distiller.accelerator.num_processes,
+            "teacher": held(distiller.teacher.model.parameters()),
+            "student": held(distiller.student.parameters()),
+            "module_is_plain": all(not hasattr(p, "to_local") for p in distiller.teacher.module_parameters()),
+        }
+        distiller.train()
+        distiller.save()
+        report["teacher_after"] = held(distiller.teacher.model.parameters())
+        rank = distiller.accelerator.process_index
+        (out / f"{method}_rank{rank}.json").write_text(json.dumps(report))
+        distiller.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,153 @@
+"""Sharded runs through Accelerate: the shipped accelerate configs, FSDP2 with 2 CPU processes (gloo)
+against one process, and the one-line refusals of a sharded run okd cannot do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def sharded_configs(setting: dict, method: str, batch_size: int) -> dict:
+    """The runs of tests/fsdp_worker.py (2 x ``batch_size``) and of their one-process twin (2 * ``batch_size``)."""
+    from engine_helpers import configs
+
+    kwargs = configs(setting, method, steps=3)
+    kwargs["train"].batch_size = batch_size
+    kwargs["data"].max_validation_examples = 16
+    return kwargs
+
+
+# -- the accelerate config files ---------------------------------------------------------------
+
+
+def unknown_keys(path: Path) -> list[str]:
+    """The keys of the file's fsdp_config / deepspeed_config that are no `accelerate launch` option
+    (`accelerate launch` copies such keys onto its arguments without checking them: a typo is ignored)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    config = ClusterConfig.from_yaml_file(str(path))  # unknown top-level keys raise here
+    options = {action.dest for action in launch_command_parser()._actions}
+    nested = {**(config.fsdp_config or {}), **(config.deepspeed_config or {})}
+    return [key for key in nested if key not in options]
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "zero2.yaml", "zero3.yaml"])
+def test_accelerate_config_loads_with_known_keys(name):
+    """Each file parses with Accelerate's own config class and names only known options."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    assert unknown_keys(CONFIGS / name) == []
+    config = ClusterConfig.from_yaml_file(str(CONFIGS / name))
+    expected = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "zero2.yaml": "DEEPSPEED", "zero3.yaml": "DEEPSPEED"}[name]
+    assert config.distributed_type.value == expected
+    if name == "fsdp.yaml":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    if name.startswith("zero"):
+        assert config.deepspeed_config["zero_stage"] == int(name[4])
+
+
+def test_every_shipped_accelerate_config_is_checked():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == ["ddp.yaml", "fsdp.yaml", "zero2.yaml", "zero3.yaml"]
+
+
+def test_a_misspelled_key_is_caught(tmp_path):
+    """The check can fail: a misspelled FSDP key and a misspelled DeepSpeed key are reported, a
+    misspelled top-level key is refused by Accelerate."""
+    for name, good, bad in (
+        ("fsdp.yaml", "fsdp_reshard_after_forward", "fsdp_reshard_after_froward"),
+        ("zero3.yaml", "zero3_save_16bit_model", "zero3_save_16_bit_model"),
+    ):
+        path = tmp_path / name
+        path.write_text((CONFIGS / name).read_text().replace(good, bad))
+        assert unknown_keys(path) == [bad]
+    path = tmp_path / "top.yaml"
+    path.write_text((CONFIGS / "ddp.yaml").read_text().replace("num_machines", "num_machine"))
+    with pytest.raises(ValueError, match="unknown keys"):
+        unknown_keys(path)
+
+
+# -- FSDP2 on 2 CPU processes ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_setting, tmp_path_factory):
+    """KD and OKD, 3 steps each, by tests/fsdp_worker.py under FSDP2 with 2 processes of 4 examples."""
+    out = tmp_path_factory.mktemp("fsdp")
+    setting_json = out / "setting.json"
+    setting_json.write_text(json.dumps(tiny_setting))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(accelerate), "launch", "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "2",
+        "--num_cpu_threads_per_process", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+        str(Path(__file__).with_name("fsdp_worker.py")), str(setting_json), str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["kd", "okd"])
+def test_fsdp_two_processes_match_one_process(tiny_setting, fsdp_runs, tmp_path, method):
+    """Same examples per step (2 x 4 sharded vs 1 x 8 whole): the same logged losses (OKD's module
+    terms included) and the same saved student, up to float rounding."""
+    import torch
+    from safetensors.torch import load_file
+
+    from okd.training import distill
+
+    single = distill(**sharded_configs(tiny_setting, method, batch_size=8), output_dir=str(tmp_path / "single"))
+    terms = ("loss", "ce", "kd") + (("module_loss", "module_ce", "module_divergence") if method == "okd" else ())
+    one, two = _rows(single.output_dir), _rows(fsdp_runs / method)
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        for term in terms:
+            assert abs(a[term] - b[term]) <= 1e-5 * abs(a[term]) + 1e-6, (a["step"], term, a[term], b[term])
+    assert abs(one[-1]["validation_ce"] - two[-1]["validation_ce"]) <= 1e-5 * one[-1]["validation_ce"]
+    whole = load_file(str(single.output_dir / "student" / "model.safetensors"))
+    gathered = load_file(str(fsdp_runs / method / "student" / "model.safetensors"))
+    assert whole.keys() == gathered.keys()
+    for name in whole:
+        torch.testing.assert_close(gathered[name], whole[name], rtol=1e-4, atol=1e-5)
+    summary = json.loads((fsdp_runs / method / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    if method == "okd":
+        assert summary["module_consistent_across_processes"] is True
+        saved = load_file(str(fsdp_runs / method / "online_module" / "adapter.safetensors"))
+        reference = load_file(str(single.output_dir / "online_module" / "adapter.safetensors"))
+        for name in reference:
+            torch.testing.assert_close(saved[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["kd", "okd"])
+def test_fsdp_shards_the_teacher_and_the_student_but_not_the_online_module(fsdp_runs, method):
+    """Each rank stores about half of the frozen teacher's elements (and of the student's); the two
+    halves add up to the whole model. OKD's adapter stays a whole (plain) tensor on every rank."""
+    reports = [json.loads((fsdp_runs / f"{method}_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["sharding"] == "fsdp" and r["num_processes"] == 2 for r in reports)
+    for model in ("teacher", "student"):
+        total = reports[0][model]["total"]
+        assert sum(r[model]["local"] for r in reports) == total, model  # split, nothing held twice
+        assert all(r[model]["local"] <= 0.55 * total for r in reports), (model, [r[model] for r in reports])
+    if method == "okd":
+        assert all(r["module_is_plain"] for r in reports)
