@@ -5,7 +5,8 @@ Trains KD and then OKD in the tiny setting through the public ``Distiller`` with
 processes, gloo) and writes, per rank, what the rank holds: ``OUTPUT_DIR/{method}_rank{i}.json`` with
 the numbers of teacher and student parameter elements stored on this rank (``local``) and in the
 whole model (``total``), before training and after it, and whether OKD's online adapter is a plain
-(replicated) tensor. The runs themselves go to ``OUTPUT_DIR/{method}/``.
+(replicated) tensor. The runs themselves go to ``OUTPUT_DIR/{method}/``. OKD's run checkpoints at
+step 2; a copy of it, ``OUTPUT_DIR/okd_resumed/``, is then resumed from that checkpoint (step 3 again).
 
 Usage: ``fsdp_worker.py SETTING_JSON OUTPUT_DIR``.
 """
@@ -13,6 +14,7 @@ Usage: ``fsdp_worker.py SETTING_JSON OUTPUT_DIR``.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +52,14 @@ def main(setting_json: str, output_dir: str) -> None:
         rank = distiller.accelerator.process_index
         (out / f"{method}_rank{rank}.json").write_text(json.dumps(report))
         distiller.accelerator.wait_for_everyone()
+    if distiller.accelerator.is_main_process:
+        shutil.copytree(out / "okd", out / "okd_resumed")
+        shutil.rmtree(out / "okd_resumed" / "student")
+    distiller.accelerator.wait_for_everyone()
+    resumed = Distiller(**sharded_configs(setting, "okd", batch_size=4), output_dir=str(out / "okd_resumed"), resume=True)
+    assert resumed.step == 2, resumed.step
+    resumed.train()
+    resumed.save()
 
 
 if __name__ == "__main__":

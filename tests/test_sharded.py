@@ -21,6 +21,7 @@ def sharded_configs(setting: dict, method: str, batch_size: int) -> dict:
     kwargs = configs(setting, method, steps=3)
     kwargs["train"].batch_size = batch_size
     kwargs["data"].max_validation_examples = 16
+    kwargs["train"].checkpoint_every = 2
     return kwargs
 
 
@@ -151,3 +152,90 @@ def test_fsdp_shards_the_teacher_and_the_student_but_not_the_online_module(fsdp_
         assert all(r[model]["local"] <= 0.55 * total for r in reports), (model, [r[model] for r in reports])
     if method == "okd":
         assert all(r["module_is_plain"] for r in reports)
+
+
+def test_fsdp_checkpoint_resumes_the_same_run(fsdp_runs):
+    """OKD's FSDP run resumed from its step-2 checkpoint (the whole student and optimizer state,
+    gathered on rank 0 and cut into shards again on resume) repeats step 3 and ends with the same student."""
+    import torch
+    from safetensors.torch import load_file
+
+    straight, resumed = _rows(fsdp_runs / "okd"), _rows(fsdp_runs / "okd_resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for term in ("loss", "ce", "kd", "module_loss"):
+        assert abs(straight[2][term] - resumed[2][term]) <= 1e-6 * abs(straight[2][term]), term
+    one = load_file(str(fsdp_runs / "okd" / "student" / "model.safetensors"))
+    two = load_file(str(fsdp_runs / "okd_resumed" / "student" / "model.safetensors"))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=1e-7)
+
+
+# -- bad input: a sharded run okd cannot do is refused in one line, before any model loads ------
+
+
+def test_fsdp_in_one_process_is_one_line_before_any_model_loads(tiny_setting, tmp_path, capsys, monkeypatch):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1` (what it sets:
+    ACCELERATE_USE_FSDP, no WORLD_SIZE). The teacher path does not exist: the FSDP error comes first."""
+    from test_bad_input import _assert_no_outputs, _cli_args, _cli_error
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+    message = _cli_error(capsys, *_cli_args(tiny_setting, out, **{"model.teacher": str(tmp_path / "no_such_teacher")}))
+    assert "FSDP was asked for" in message and "ACCELERATE_USE_FSDP=true" in message and "in one process" in message
+    _assert_no_outputs(out)
+
+
+def _refusal(setting, monkeypatch, env: dict, method: str = "kd", **online) -> str:
+    """The one-line error ``check_sharding_request`` gives a 2-process launch with ``env`` set."""
+    from engine_helpers import configs
+
+    from okd.config import DistillConfig, OnlineModuleConfig
+    from okd.training.distributed import check_sharding_request
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = DistillConfig(**configs(setting, method, online=OnlineModuleConfig(**online)))
+    with pytest.raises(ValueError) as raised:
+        check_sharding_request(config)
+    message = str(raised.value)
+    assert "\n" not in message
+    return message
+
+
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+def test_fsdp1_is_refused(tiny_setting, monkeypatch):
+    message = _refusal(tiny_setting, monkeypatch, {**FSDP2, "FSDP_VERSION": "1"})
+    assert "fsdp_version 1" in message and "FSDP2 only" in message
+
+
+def test_sharded_generation_and_lora_module_are_refused(tiny_setting, monkeypatch):
+    assert "method 'seqkd' (source teacher_generated)" in _refusal(tiny_setting, monkeypatch, FSDP2, "seqkd")
+    assert "online.kind='lora'" in _refusal(tiny_setting, monkeypatch, FSDP2, "okd", kind="lora")
+
+
+def test_a_supported_sharded_run_passes_the_check(tiny_setting, monkeypatch):
+    """The refusals above are not unconditional: FSDP2 with OKD's adapter on 2 processes is accepted."""
+    from engine_helpers import configs
+
+    from okd.config import DistillConfig
+    from okd.training.distributed import check_sharding_request
+
+    for name, value in {**FSDP2, "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    check_sharding_request(DistillConfig(**configs(tiny_setting, "okd")))
+
+
+def test_deepspeed_without_the_package_names_it(tiny_setting, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    message = _refusal(tiny_setting, monkeypatch, {"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert "DeepSpeed was asked for" in message and "deepspeed package is not installed" in message

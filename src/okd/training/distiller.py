@@ -58,7 +58,8 @@ from okd.teacher import Teacher
 from . import checkpoint as ckpt
 from .cached import cache_identity, cached_forward_losses, check_cache_config, open_teacher_cache
 from .distributed import (
-    Processes, TokenCount, check_sharding_request, local_tokens, plain_norm, make_accelerator, peak_memory_mb, place_teacher, sharding,
+    Processes, TokenCount, check_sharding_request, local_tokens, make_accelerator, peak_memory_mb, place_teacher, plain_norm,
+    sharding, whole_state_dicts,
 )
 from .setup import check_output_dir, clear_output_dir, load_datasets, load_models
 from .signals import StopOnSignal
@@ -149,6 +150,8 @@ class Distiller:
         accelerator.wait_for_everyone()
 
         self.run_config = config.run_config(accelerator.num_processes)
+        if self.sharding is not None:  # a sharded run's checkpoint resumes only sharded the same way
+            self.run_config["sharding"] = self.sharding
         if self.teacher_cache is not None:  # --resume refuses another cache (or a rebuilt one)
             self.run_config["teacher_cache"] = cache_identity(self.teacher_cache)
         resume_from = ckpt.latest_checkpoint(self.output) if config.resume else None
@@ -456,13 +459,16 @@ class Distiller:
     def save_checkpoint(self) -> Path:
         """Write everything needed to continue exactly (format: ``okd.training.checkpoint``)."""
         accelerator = self.accelerator
+        if self.sharding in ("zero", "zero3"):  # its partitioned optimizer state is not gathered here yet
+            raise RuntimeError(f"okd cannot checkpoint DeepSpeed runs yet (step {self.step}); nothing was written")
         root = self.output / "checkpoints"
         source_states = self.processes.gather_objects(self.source.state_dict())
+        whole = whole_state_dicts(self.student, self.optimizer) if self.sharding == "fsdp" else None  # every rank gathers
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = ckpt.training_state(
                 accelerator.unwrap_model(self.student), self.optimizer, self.scheduler,
-                self.teacher if self.online_config else None, self.module_optimizer, source_states,
+                self.teacher if self.online_config else None, self.module_optimizer, source_states, whole,
             )
             meta = {
                 "step": self.step,
@@ -485,6 +491,7 @@ class Distiller:
         ckpt.restore_training_state(
             state, self.accelerator.unwrap_model(self.student), self.optimizer, self.scheduler,
             self.teacher if self.online_config else None, self.module_optimizer, self.source, self.accelerator.process_index,
+            sharded=self.sharding == "fsdp",
         )
         self.step = int(meta["step"])
         self.train_seconds = float(meta["train_seconds"])

@@ -53,9 +53,11 @@ def check_sharding_request(config) -> None:
         raise ValueError(f"{asked} with fsdp_version {os.environ.get('FSDP_VERSION', '1')}: okd supports FSDP2 only (fsdp_version: 2)")
     if kind == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
-            raise ImportError(f"{asked} but the deepspeed package is not installed (pip install deepspeed)")
+            raise ValueError(f"{asked} but the deepspeed package is not installed (pip install deepspeed)")
         if not has_accelerator_device():
             raise ValueError(f"{asked} on a machine without a GPU: DeepSpeed needs one (use configs/accelerate/fsdp.yaml or ddp.yaml)")
+        if config.train.checkpoint_every:
+            raise ValueError(f"{asked} with train.checkpoint_every={config.train.checkpoint_every}: okd cannot checkpoint DeepSpeed runs yet; use 0")
         if config.train.gradient_accumulation_steps > 1:
             raise ValueError(
                 f"{asked} with train.gradient_accumulation_steps={config.train.gradient_accumulation_steps}: "
@@ -160,6 +162,26 @@ def deepspeed_inference_engine(accelerator, model):
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+def whole_state_dicts(model, optimizer) -> tuple[dict, dict]:
+    """The FSDP2-sharded ``model``'s and ``optimizer``'s whole state dicts, gathered on rank 0 (on the
+    CPU; the other ranks get empty ones). A collective: every process calls it. The optimizer state
+    is keyed by parameter names (``torch.distributed.checkpoint``'s format)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def load_whole_state_dicts(model, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Inverse of :func:`whole_state_dicts`: every process reads the whole states and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model, getattr(optimizer, "optimizer", optimizer), model_state_dict=model_state, optim_state_dict=optimizer_state,
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def plain_norm(norm) -> torch.Tensor:
