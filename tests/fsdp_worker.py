@@ -1,11 +1,12 @@
 """Run under `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2` by
 tests/test_sharded.py (not a test module itself).
 
-Trains KD and then OKD in the tiny setting through the public ``Distiller`` with FSDP2 (2 CPU
-processes, gloo) and writes, per rank, what the rank holds: ``OUTPUT_DIR/{method}_rank{i}.json`` with
+Trains the runs of ``test_sharded.SHARDED_RUNS`` (KD, OKD, OKD with 2 micro-batches of 2, OKD with
+its heads on the loss positions, and on every position) in the tiny setting through the public ``Distiller`` with FSDP2 (2 CPU
+processes, gloo) and writes, per rank, what the rank holds: ``OUTPUT_DIR/{run}_rank{i}.json`` with
 the numbers of teacher and student parameter elements stored on this rank (``local``) and in the
 whole model (``total``), before training and after it, and whether OKD's online adapter is a plain
-(replicated) tensor. The runs themselves go to ``OUTPUT_DIR/{method}/``. OKD's run checkpoints at
+(replicated) tensor. The runs themselves go to ``OUTPUT_DIR/{run}/``. OKD's run checkpoints at
 step 2; a copy of it, ``OUTPUT_DIR/okd_resumed/``, is then resumed from that checkpoint (step 3 again).
 
 Usage: ``fsdp_worker.py SETTING_JSON OUTPUT_DIR``.
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_sharded
 
 import torch  # noqa: E402
-from test_sharded import sharded_configs  # noqa: E402
+from test_sharded import SHARDED_RUNS, sharded_configs  # noqa: E402
 
 from okd.training import Distiller  # noqa: E402
 
@@ -37,8 +38,9 @@ def main(setting_json: str, output_dir: str) -> None:
     torch.set_num_threads(1)
     setting = json.loads(Path(setting_json).read_text())
     out = Path(output_dir)
-    for method in ("kd", "okd"):
-        distiller = Distiller(**sharded_configs(setting, method, batch_size=4), output_dir=str(out / method))
+    for run, settings in SHARDED_RUNS.items():
+        distiller = Distiller(**sharded_configs(setting, *settings), output_dir=str(out / run))
+        assert distiller.heads == settings[3], (run, distiller.heads)
         report = {
             "sharding": distiller.sharding,
             "num_processes": distiller.accelerator.num_processes,
@@ -50,7 +52,7 @@ def main(setting_json: str, output_dir: str) -> None:
         distiller.save()
         report["teacher_after"] = held(distiller.teacher.model.parameters())
         rank = distiller.accelerator.process_index
-        (out / f"{method}_rank{rank}.json").write_text(json.dumps(report))
+        (out / f"{run}_rank{rank}.json").write_text(json.dumps(report))
         distiller.accelerator.wait_for_everyone()
     if distiller.accelerator.is_main_process:
         shutil.copytree(out / "okd", out / "okd_resumed")

@@ -14,12 +14,23 @@ import pytest
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
-def sharded_configs(setting: dict, method: str, batch_size: int) -> dict:
-    """The runs of tests/fsdp_worker.py (2 x ``batch_size``) and of their one-process twin (2 * ``batch_size``)."""
+# The runs of tests/fsdp_worker.py: name -> (method, examples per micro-batch, micro-batches per step
+# (per process), where the heads run: okd.heads' "fused" (the default), "positions" or "full").
+SHARDED_RUNS = {
+    "kd": ("kd", 4, 1, "fused"), "okd": ("okd", 4, 1, "fused"), "okd_accumulated": ("okd", 2, 2, "fused"),
+    "okd_positions": ("okd", 4, 1, "positions"), "okd_full": ("okd", 4, 1, "full"),
+}
+
+
+def sharded_configs(setting: dict, method: str, batch_size: int, accumulation: int = 1, heads: str = "fused") -> dict:
+    """A run of tests/fsdp_worker.py, or its one-process twin (one micro-batch of all 8 examples)."""
     from engine_helpers import configs
 
     kwargs = configs(setting, method, steps=3)
     kwargs["train"].batch_size = batch_size
+    kwargs["train"].gradient_accumulation_steps = accumulation
+    kwargs["train"].fused_loss = heads == "fused"
+    kwargs["train"].loss_positions_only = heads != "full"
     kwargs["data"].max_validation_examples = 16
     kwargs["train"].checkpoint_every = 2
     return kwargs
@@ -89,7 +100,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_setting, tmp_path_factory):
-    """KD and OKD, 3 steps each, by tests/fsdp_worker.py under FSDP2 with 2 processes of 4 examples."""
+    """``SHARDED_RUNS``, 3 steps each, by tests/fsdp_worker.py under FSDP2 with 2 processes of 4 examples."""
     out = tmp_path_factory.mktemp("fsdp")
     setting_json = out / "setting.json"
     setting_json.write_text(json.dumps(tiny_setting))
@@ -108,33 +119,34 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["kd", "okd"])
-def test_fsdp_two_processes_match_one_process(tiny_setting, fsdp_runs, tmp_path, method):
-    """Same examples per step (2 x 4 sharded vs 1 x 8 whole): the same logged losses (OKD's module
-    terms included) and the same saved student, up to float rounding."""
+@pytest.mark.parametrize("run", list(SHARDED_RUNS))
+def test_fsdp_two_processes_match_one_process(tiny_setting, fsdp_runs, tmp_path, run):
+    """Same examples per step (2 processes x 4 sharded, or x 2 micro-batches of 2, vs 1 x 8 whole):
+    the same logged losses (OKD's module terms included) and the same saved student, up to float rounding."""
     import torch
     from safetensors.torch import load_file
 
     from okd.training import distill
 
-    single = distill(**sharded_configs(tiny_setting, method, batch_size=8), output_dir=str(tmp_path / "single"))
+    method, _, _, heads = SHARDED_RUNS[run]
+    single = distill(**sharded_configs(tiny_setting, method, 8, 1, heads), output_dir=str(tmp_path / "single"))
     terms = ("loss", "ce", "kd") + (("module_loss", "module_ce", "module_divergence") if method == "okd" else ())
-    one, two = _rows(single.output_dir), _rows(fsdp_runs / method)
+    one, two = _rows(single.output_dir), _rows(fsdp_runs / run)
     assert [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two, strict=True):
         for term in terms:
             assert abs(a[term] - b[term]) <= 1e-5 * abs(a[term]) + 1e-6, (a["step"], term, a[term], b[term])
     assert abs(one[-1]["validation_ce"] - two[-1]["validation_ce"]) <= 1e-5 * one[-1]["validation_ce"]
     whole = load_file(str(single.output_dir / "student" / "model.safetensors"))
-    gathered = load_file(str(fsdp_runs / method / "student" / "model.safetensors"))
+    gathered = load_file(str(fsdp_runs / run / "student" / "model.safetensors"))
     assert whole.keys() == gathered.keys()
     for name in whole:
         torch.testing.assert_close(gathered[name], whole[name], rtol=1e-4, atol=1e-5)
-    summary = json.loads((fsdp_runs / method / "train_summary.json").read_text())
+    summary = json.loads((fsdp_runs / run / "train_summary.json").read_text())
     assert summary["num_processes"] == 2
     if method == "okd":
         assert summary["module_consistent_across_processes"] is True
-        saved = load_file(str(fsdp_runs / method / "online_module" / "adapter.safetensors"))
+        saved = load_file(str(fsdp_runs / run / "online_module" / "adapter.safetensors"))
         reference = load_file(str(single.output_dir / "online_module" / "adapter.safetensors"))
         for name in reference:
             torch.testing.assert_close(saved[name], reference[name], rtol=1e-4, atol=1e-6)
@@ -143,13 +155,15 @@ def test_fsdp_two_processes_match_one_process(tiny_setting, fsdp_runs, tmp_path,
 @pytest.mark.parametrize("method", ["kd", "okd"])
 def test_fsdp_shards_the_teacher_and_the_student_but_not_the_online_module(fsdp_runs, method):
     """Each rank stores about half of the frozen teacher's elements (and of the student's); the two
-    halves add up to the whole model. OKD's adapter stays a whole (plain) tensor on every rank."""
+    halves add up to the whole model; after the training steps the teacher is still split that way.
+    OKD's adapter stays a whole (plain) tensor on every rank."""
     reports = [json.loads((fsdp_runs / f"{method}_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["sharding"] == "fsdp" and r["num_processes"] == 2 for r in reports)
     for model in ("teacher", "student"):
         total = reports[0][model]["total"]
         assert sum(r[model]["local"] for r in reports) == total, model  # split, nothing held twice
         assert all(r[model]["local"] <= 0.55 * total for r in reports), (model, [r[model] for r in reports])
+    assert all(r["teacher_after"] == r["teacher"] for r in reports), [r["teacher_after"] for r in reports]
     if method == "okd":
         assert all(r["module_is_plain"] for r in reports)
 

@@ -47,7 +47,7 @@ from okd.config import (
 )
 from okd.io import write_json, write_text
 from okd.fused import FusedLinearDistillationLoss, budget_chunk_tokens
-from okd.heads import final_hidden_at, head_on_positions_supported, loss_positions
+from okd.heads import apply_head, final_hidden_at, head_on_positions_supported, loss_positions
 from okd.losses import DistillationLoss, StepLosses, first_nonfinite, fused_step_losses, fused_unsupported
 from okd.minillm import MiniLLMConfig
 from okd.objectives import MiniLLMObjective
@@ -59,7 +59,7 @@ from . import checkpoint as ckpt
 from .cached import cache_identity, cached_forward_losses, check_cache_config, open_teacher_cache
 from .distributed import (
     Processes, TokenCount, check_sharding_request, local_tokens, make_accelerator, peak_memory_mb, place_teacher, plain_norm,
-    sharding, whole_state_dicts,
+    reshard_teacher, sharding, whole_state_dicts,
 )
 from .setup import check_output_dir, clear_output_dir, load_datasets, load_models
 from .signals import StopOnSignal
@@ -221,6 +221,8 @@ class Distiller:
                 total = losses.loss if losses.module_loss is None else losses.loss + losses.module_loss
                 accelerator.backward(total * processes.token_share(tokens, None if len(batches) == 1 else count))
             parts.append(losses)
+        if self.sharding == "fsdp" and self.teacher is not None:  # the backward is done: back to 1/N of the teacher
+            reshard_teacher(self.teacher)
         losses = parts[0] if len(parts) == 1 else token_weighted(parts, micro_tokens)
         losses.tokens = tokens
         max_norm = self.train_config.max_grad_norm
@@ -287,11 +289,12 @@ class Distiller:
                     targets, student_bias=student_head.bias, teacher_bias=getattr(teacher_head, "bias", None),
                     teacher_frozen_hidden=frozen_hidden, update_module=update_module,
                 ))
-            teacher_logits = self.teacher.head(teacher_hidden) if self.teacher is not None else None
+            teacher_logits = apply_head(self.teacher.head, teacher_hidden) if self.teacher is not None else None
             with torch.no_grad():
-                frozen_logits = self.teacher.head(frozen_hidden) if frozen_hidden is not None else None
+                frozen_logits = apply_head(self.teacher.head, frozen_hidden) if frozen_hidden is not None else None
             return self.loss_fn(
-                student_head(student_hidden), teacher_logits, None, update_module, frozen_logits, self.step, targets=targets
+                apply_head(student_head, student_hidden), teacher_logits, None, update_module, frozen_logits, self.step,
+                targets=targets,
             )
 
     def _choose_heads(self) -> str:
@@ -301,7 +304,7 @@ class Distiller:
         if self.teacher_cache is not None or self.minillm_loss is not None:
             return "full"  # these compute their own losses (okd.training.cached, okd.objectives)
         if self.sharding == "zero3":
-            # ZeRO-3 gathers a weight only inside its module's forward; the fused loss reads the head weights directly.
+            # ZeRO-3 gathers a weight only inside its module's call; the fused loss reads the head weights directly.
             train = dataclasses.replace(train, fused_loss=False)
         if not train.loss_positions_only or not head_on_positions_supported(student) or (
             self.teacher is not None and not self.teacher.supports_positions
@@ -452,6 +455,8 @@ class Distiller:
             self.loss_fn, self.config.eval.batch_size, self.accelerator.device,
         )
         self.student.train()
+        if self.sharding == "fsdp" and self.teacher is not None:
+            reshard_teacher(self.teacher)
         self.source.observe_validation_loss(metrics["validation_ce"])
         return metrics
 

@@ -141,6 +141,17 @@ def place_teacher(accelerator, teacher):
     return teacher.to(accelerator.device)
 
 
+def reshard_teacher(teacher) -> None:
+    """FSDP2: free the whole weights the teacher's last forward left gathered. Accelerate keeps the
+    root and the embedding / final norm / head group gathered after a forward, for the backward of a
+    trained model; the frozen teacher has none, so without this each process would keep those whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in teacher.model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def deepspeed_inference_engine(accelerator, model):
     """A ZeRO-3 engine around the frozen ``model`` with no optimizer, in eval mode (as TRL prepares its
     reference and teacher models): DeepSpeed partitions the weights and gathers each layer's for its
