@@ -168,6 +168,18 @@ def test_fsdp_shards_the_teacher_and_the_student_but_not_the_online_module(fsdp_
         assert all(r["module_is_plain"] for r in reports)
 
 
+def test_a_sharded_checkpoint_is_not_resumed_unsharded(tiny_setting, fsdp_runs, tmp_path):
+    """The checkpoint of the 2-process FSDP run (its optimizer state keyed by parameter names) is
+    refused by a one-process resume, naming the sharding."""
+    import shutil
+
+    from okd.training import Distiller
+
+    shutil.copytree(fsdp_runs / "okd", tmp_path / "okd")
+    with pytest.raises(ValueError, match=r"cannot resume .*sharding: checkpoint 'fsdp', now None"):
+        Distiller(**sharded_configs(tiny_setting, "okd", 4), output_dir=str(tmp_path / "okd"), resume=True)
+
+
 def test_fsdp_checkpoint_resumes_the_same_run(fsdp_runs):
     """OKD's FSDP run resumed from its step-2 checkpoint (the whole student and optimizer state,
     gathered on rank 0 and cut into shards again on resume) repeats step 3 and ends with the same student."""
@@ -187,17 +199,19 @@ def test_fsdp_checkpoint_resumes_the_same_run(fsdp_runs):
 # -- bad input: a sharded run okd cannot do is refused in one line, before any model loads ------
 
 
-def test_fsdp_in_one_process_is_one_line_before_any_model_loads(tiny_setting, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("flag, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharding_in_one_process_is_one_line_before_any_model_loads(tiny_setting, tmp_path, capsys, monkeypatch, flag, name):
     """`accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1` (what it sets:
-    ACCELERATE_USE_FSDP, no WORLD_SIZE). The teacher path does not exist: the FSDP error comes first."""
+    ACCELERATE_USE_FSDP, no WORLD_SIZE; the same for a DeepSpeed config). The teacher path does not
+    exist: the sharding error comes first."""
     from test_bad_input import _assert_no_outputs, _cli_args, _cli_error
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(flag, "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "run"
     message = _cli_error(capsys, *_cli_args(tiny_setting, out, **{"model.teacher": str(tmp_path / "no_such_teacher")}))
-    assert "FSDP was asked for" in message and "ACCELERATE_USE_FSDP=true" in message and "in one process" in message
+    assert f"{name} was asked for" in message and f"{flag}=true" in message and "in one process" in message
     _assert_no_outputs(out)
 
 
