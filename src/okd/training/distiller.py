@@ -17,7 +17,9 @@ both.
 Runs on Hugging Face Accelerate: ``accelerate launch --multi_gpu --num_processes N -m okd.cli distill ...`` gives
 DDP without code changes (``okd.training.distributed``). The online module is not wrapped by DDP: its
 gradients are averaged across processes explicitly before its optimizer step, so it stays identical
-on every rank. Checkpoints: ``okd.training.checkpoint``.
+on every rank. ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` (or ``zero2.yaml``,
+``zero3.yaml``) shards the student through Accelerate and the frozen teacher with it
+(``okd.training.distributed.place_teacher``); the loop stays the same. Checkpoints: ``okd.training.checkpoint``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ sum over the step's micro-batches, averaged over processes (DDP's average, and t
 explicit one), is the mean over all the tokens of the global batch: one process with the whole batch
 in one micro-batch computes the same. The decisions that
 must be the same on every rank (stop, skip a non-finite step) are agreed on with one reduction.
+
+Sharded runs (``accelerate launch --config_file configs/accelerate/{fsdp,zero2,zero3}.yaml``): what
+okd refuses before any model loads (``check_sharding_request``), FSDP2 on CPU processes
+(``enable_fsdp2_on_cpu``), where the frozen teacher lives (``place_teacher``) and the whole state
+dicts a FSDP2 checkpoint holds (``whole_state_dicts``).
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ def requested_sharding() -> str | None:
 
 def check_sharding_request(config) -> None:
     """Refuse, in one line and before any model loads, a sharded run okd cannot do (``config``: the
-    DistillConfig). Accelerate itself would silently fall back to one unsharded process."""
+    DistillConfig). In one process there is nothing to shard over (and on a CPU Accelerate would
+    silently ignore the FSDP config)."""
     kind = requested_sharding()
     if kind is None:
         return
@@ -56,6 +62,8 @@ def check_sharding_request(config) -> None:
             raise ValueError(f"{asked} but the deepspeed package is not installed (pip install deepspeed)")
         if not has_accelerator_device():
             raise ValueError(f"{asked} on a machine without a GPU: DeepSpeed needs one (use configs/accelerate/fsdp.yaml or ddp.yaml)")
+        if config.train.skip_nonfinite_steps:
+            raise ValueError(f"{asked} with train.skip_nonfinite_steps: DeepSpeed has stepped before okd sees the gradients; use false")
         if config.train.checkpoint_every:
             raise ValueError(f"{asked} with train.checkpoint_every={config.train.checkpoint_every}: okd cannot checkpoint DeepSpeed runs yet; use 0")
         if config.train.gradient_accumulation_steps > 1:
@@ -94,6 +102,11 @@ def make_accelerator(train, output_dir):
     )
     if requested_sharding() == "fsdp" and not accelerator.is_fsdp2:
         enable_fsdp2_on_cpu(accelerator)
+    if sharding(accelerator) in ("zero", "zero3"):
+        # okd hands Accelerate no data loader to read the micro-batch size from: DeepSpeed gets it here.
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            config["train_micro_batch_size_per_gpu"] = train.batch_size
     return accelerator
 
 
@@ -136,9 +149,10 @@ def place_teacher(accelerator, teacher):
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
         fsdp2_prepare_model(accelerator, teacher.module.model)  # in place
-    elif kind == "zero3":
+    teacher.to(accelerator.device)  # FSDP2: the adapter (the shards are there already)
+    if kind == "zero3":
         teacher.engine = deepspeed_inference_engine(accelerator, teacher.module.model)
-    return teacher.to(accelerator.device)
+    return teacher
 
 
 def reshard_teacher(teacher) -> None:
@@ -200,7 +214,9 @@ def plain_norm(norm) -> torch.Tensor:
     replicated DTensor, DeepSpeed (which clips inside its own step) may return None (then 0)."""
     if norm is None:
         return torch.zeros(())
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if hasattr(norm, "full_tensor"):
+        return norm.full_tensor()
+    return torch.as_tensor(norm, dtype=torch.float32)
 
 
 def local_tokens(labels: torch.Tensor) -> torch.Tensor:
