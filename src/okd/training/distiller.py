@@ -228,7 +228,8 @@ class Distiller:
         losses = parts[0] if len(parts) == 1 else token_weighted(parts, micro_tokens)
         losses.tokens = tokens
         max_norm = self.train_config.max_grad_norm
-        grad_norm = plain_norm(accelerator.clip_grad_norm_(self.student_parameters, max_norm if max_norm is not None else math.inf))
+        grad_norm = accelerator.clip_grad_norm_(self.student_parameters, max_norm if max_norm is not None else math.inf)
+        grad_norm = plain_norm(grad_norm)  # FSDP2: a DTensor; DeepSpeed: a float or None
         if update_module:
             processes.average_gradients(self.teacher.module_parameters())
             grad_norm = grad_norm + torch.nn.utils.clip_grad_norm_(self.teacher.module_parameters(), math.inf)

@@ -52,37 +52,36 @@ def check_sharding_request(config) -> None:
         return
     flag = "ACCELERATE_USE_FSDP=true" if kind == "fsdp" else "ACCELERATE_USE_DEEPSPEED=true"
     asked = f"{'FSDP' if kind == 'fsdp' else 'DeepSpeed'} was asked for (distributed_type in the accelerate config, {flag})"
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes < 2:
-        raise ValueError(f"{asked} in one process: launch 2 or more (accelerate launch --num_processes N) or drop that config")
+
+    def refuse(why: str):
+        raise ValueError(f"{asked} {why}")
+
+    train, method = config.train, config.resolved()[0]
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        refuse("in one process: launch 2 or more (accelerate launch --num_processes N) or drop that config")
     if kind == "fsdp" and os.environ.get("FSDP_VERSION", "1") != "2":
-        raise ValueError(f"{asked} with fsdp_version {os.environ.get('FSDP_VERSION', '1')}: okd supports FSDP2 only (fsdp_version: 2)")
+        refuse(f"with fsdp_version {os.environ.get('FSDP_VERSION', '1')}: okd supports FSDP2 only (fsdp_version: 2)")
     if kind == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
-            raise ValueError(f"{asked} but the deepspeed package is not installed (pip install deepspeed)")
+            refuse("but the deepspeed package is not installed (pip install deepspeed)")
         if not has_accelerator_device():
-            raise ValueError(f"{asked} on a machine without a GPU: DeepSpeed needs one (use configs/accelerate/fsdp.yaml or ddp.yaml)")
-        if config.train.skip_nonfinite_steps:
-            raise ValueError(f"{asked} with train.skip_nonfinite_steps: DeepSpeed has stepped before okd sees the gradients; use false")
-        if config.train.checkpoint_every:
-            raise ValueError(f"{asked} with train.checkpoint_every={config.train.checkpoint_every}: okd cannot checkpoint DeepSpeed runs yet; use 0")
-        if config.train.gradient_accumulation_steps > 1:
-            raise ValueError(
-                f"{asked} with train.gradient_accumulation_steps={config.train.gradient_accumulation_steps}: "
-                "DeepSpeed steps inside each backward, so okd's accumulation is not supported there; use 1"
-            )
-    method = config.resolved()[0]
+            refuse("on a machine without a GPU: DeepSpeed needs one (use configs/accelerate/fsdp.yaml or ddp.yaml)")
+        # DeepSpeed steps inside each backward: okd can neither accumulate around it nor skip a step.
+        if train.gradient_accumulation_steps > 1:
+            refuse(f"with train.gradient_accumulation_steps={train.gradient_accumulation_steps}: not supported there; use 1")
+        if train.skip_nonfinite_steps:
+            refuse("with train.skip_nonfinite_steps: DeepSpeed has stepped before okd sees the gradients; use false")
+        if train.checkpoint_every:
+            refuse(f"with train.checkpoint_every={train.checkpoint_every}: okd cannot checkpoint DeepSpeed runs yet; use 0")
     if method.source != "ground_truth":
         # Sharded generation needs every rank in every forward (synced generation): not wired yet.
-        raise ValueError(f"{asked} with method {method.name!r} (source {method.source}): sharded runs support ground_truth sources only")
+        refuse(f"with method {method.name!r} (source {method.source}): sharded runs support ground_truth sources only")
     if config.model.teacher_cache:
-        raise ValueError(f"{asked} with model.teacher_cache: a cached teacher is not supported sharded yet; drop one of them")
+        refuse("with model.teacher_cache: a cached teacher is not supported sharded yet; drop one of them")
     if config.model.student_lora is not None:
-        raise ValueError(f"{asked} with model.student_lora: a LoRA student is not supported sharded yet; drop one of them")
+        refuse("with model.student_lora: a LoRA student is not supported sharded yet; drop one of them")
     if method.online_teacher and config.online.kind != "adapter":
-        raise ValueError(
-            f"{asked} with online.kind={config.online.kind!r}: its weights live inside the sharded teacher; use online.kind=adapter"
-        )
+        refuse(f"with online.kind={config.online.kind!r}: its weights live inside the sharded teacher; use online.kind=adapter")
 
 
 def make_accelerator(train, output_dir):
