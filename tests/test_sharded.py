@@ -215,8 +215,9 @@ def test_sharding_in_one_process_is_one_line_before_any_model_loads(tiny_setting
     _assert_no_outputs(out)
 
 
-def _refusal(setting, monkeypatch, env: dict, method: str = "kd", **online) -> str:
-    """The one-line error ``check_sharding_request`` gives a 2-process launch with ``env`` set."""
+def _refusal(setting, monkeypatch, env: dict, method: str = "kd", online: dict | None = None, **sections) -> str:
+    """The one-line error ``check_sharding_request`` gives a 2-process launch with ``env`` set, for the
+    tiny setting's run with ``online`` fields and ``sections`` (``train={"checkpoint_every": 2}``) changed."""
     from engine_helpers import configs
 
     from okd.config import DistillConfig, OnlineModuleConfig
@@ -227,9 +228,12 @@ def _refusal(setting, monkeypatch, env: dict, method: str = "kd", **online) -> s
     monkeypatch.setenv("WORLD_SIZE", "2")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    config = DistillConfig(**configs(setting, method, online=OnlineModuleConfig(**online)))
+    kwargs = configs(setting, method, online=OnlineModuleConfig(**(online or {})))
+    for section, fields in sections.items():
+        for name, value in fields.items():
+            setattr(kwargs[section], name, value)
     with pytest.raises(ValueError) as raised:
-        check_sharding_request(config)
+        check_sharding_request(DistillConfig(**kwargs))
     message = str(raised.value)
     assert "\n" not in message
     return message
@@ -243,9 +247,27 @@ def test_fsdp1_is_refused(tiny_setting, monkeypatch):
     assert "fsdp_version 1" in message and "FSDP2 only" in message
 
 
-def test_sharded_generation_and_lora_module_are_refused(tiny_setting, monkeypatch):
+def test_what_sharded_runs_do_not_support_is_refused(tiny_setting, monkeypatch):
     assert "method 'seqkd' (source teacher_generated)" in _refusal(tiny_setting, monkeypatch, FSDP2, "seqkd")
-    assert "online.kind='lora'" in _refusal(tiny_setting, monkeypatch, FSDP2, "okd", kind="lora")
+    assert "online.kind='lora'" in _refusal(tiny_setting, monkeypatch, FSDP2, "okd", online={"kind": "lora"})
+    assert "model.student_lora" in _refusal(tiny_setting, monkeypatch, FSDP2, model={"student_lora": {"rank": 4}})
+    assert "model.teacher_cache" in _refusal(tiny_setting, monkeypatch, FSDP2, model={"teacher_cache": "cache"})
+
+
+def test_what_deepspeed_runs_do_not_support_is_refused(tiny_setting, monkeypatch):
+    """As if deepspeed and a GPU were there (neither is on the test machine)."""
+    import okd.training.distributed as distributed
+
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(distributed, "has_accelerator_device", lambda: True)
+    deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true"}
+    for field, value in (("gradient_accumulation_steps", 2), ("skip_nonfinite_steps", True), ("checkpoint_every", 2)):
+        assert f"train.{field}" in _refusal(tiny_setting, monkeypatch, deepspeed, train={field: value})
+    from engine_helpers import configs
+
+    from okd.config import DistillConfig
+
+    distributed.check_sharding_request(DistillConfig(**configs(tiny_setting, "okd")))  # the defaults pass
 
 
 def test_a_supported_sharded_run_passes_the_check(tiny_setting, monkeypatch):
