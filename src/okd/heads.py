@@ -50,15 +50,37 @@ def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, targets.index_select(0, rows)
 
 
-def final_hidden_at(model: nn.Module, input_ids, attention_mask, rows: torch.Tensor) -> torch.Tensor:
-    """The final hidden states (after the final norm) at ``rows``: ``[N, d]``.
+def apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)``: ``[..., d] -> [..., V]``.
 
-    Called through the model's own ``forward`` (so wrappers such as DDP or peft see the call) with
-    ``logits_to_keep`` empty: the head computes nothing, and ``hidden_states[-1]`` is what it would read.
+    A FSDP2-sharded head is applied without calling the module, with its weights as the model's
+    forward left them: it belongs to one group with the embedding and the final norm, which stays
+    gathered after that forward, and a module call would run the group's hooks once more, out of turn
+    (a teacher's group could not reshard; a student's backward would read freed weights). Any other
+    head is called (DeepSpeed ZeRO-3 gathers a weight only inside its module's call).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(head, FSDPModule):
+        return nn.functional.linear(hidden, head.weight, head.bias)
+    return head(hidden)
+
+
+def final_hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """The final hidden states (after the final norm): ``[batch, seq, d]``.
+
+    Called through the model's own ``forward`` (so wrappers such as DDP or peft, and FSDP's or
+    DeepSpeed's hooks, see the call) with ``logits_to_keep`` empty: the head computes nothing, and
+    ``hidden_states[-1]`` is what it would read.
     """
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
         logits_to_keep=_NO_LOGITS.to(input_ids.device),
     )
-    hidden = out.hidden_states[-1]
+    return out.hidden_states[-1]
+
+
+def final_hidden_at(model: nn.Module, input_ids, attention_mask, rows: torch.Tensor) -> torch.Tensor:
+    """The final hidden states (after the final norm) at ``rows``: ``[N, d]`` (see :func:`final_hidden`)."""
+    hidden = final_hidden(model, input_ids, attention_mask)
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)

@@ -557,6 +557,7 @@ def save_pretrained_atomic(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None,
     out_dir: str | os.PathLike,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` to ``out_dir`` all at once.
 
@@ -564,12 +565,13 @@ def save_pretrained_atomic(
     ``out_dir``; an existing ``out_dir`` is first renamed aside and deleted only once the new
     one is in place. A crash therefore leaves either the old directory, the new one, or a
     hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` leftover, never a half-written ``out_dir``.
-    Returns ``out_dir`` as a Path.
+    Returns ``out_dir`` as a Path. ``state_dict``: the weights to write instead of ``model``'s own
+    (the full weights gathered from a sharded model).
     """
     from okd.io import atomic_directory
 
     with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir).expanduser().absolute()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from okd.heads import final_hidden_at, logit_postprocessing
+from okd.heads import apply_head, final_hidden, final_hidden_at, logit_postprocessing
 from okd.online.base import OnlineModule, register_online_module
 
 if TYPE_CHECKING:
@@ -63,22 +63,23 @@ class AdapterModule(OnlineModule):
         self.adapter = ResidualAdapter(model.config.hidden_size, config.adapter_bottleneck)
 
     def forward(self, input_ids, attention_mask, *, track_grad: bool) -> torch.Tensor:
-        # Frozen body without a graph; only adapter + output head are differentiated.
+        # Frozen body without a graph; only adapter + output head are differentiated. The body runs
+        # through the model's own forward, which FSDP's and DeepSpeed's hooks expect.
         with torch.no_grad():
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = final_hidden(self.model, input_ids, attention_mask)
         with torch.set_grad_enabled(track_grad):
-            return self.model.get_output_embeddings()(self.adapter(hidden))
+            return apply_head(self.model.get_output_embeddings(), self.adapter(hidden))
 
     def forward_with_frozen(self, input_ids, attention_mask, *, track_grad: bool, need_frozen: bool):
         """One body pass for both: ``head(adapter(h))`` and the frozen ``head(h)``. The frozen logits
         cost one extra output-head matmul (no second body pass); they are computed when
         ``need_frozen`` and on update steps (``track_grad``), for the module's diagnostics."""
         with torch.no_grad():
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = final_hidden(self.model, input_ids, attention_mask)
             head = self.model.get_output_embeddings()
-            frozen = head(hidden) if (need_frozen or track_grad) else None
+            frozen = apply_head(head, hidden) if (need_frozen or track_grad) else None
         with torch.set_grad_enabled(track_grad):
-            return head(self.adapter(hidden)), frozen
+            return apply_head(head, self.adapter(hidden)), frozen
 
     def hidden_with_frozen(self, input_ids, attention_mask, rows, *, track_grad: bool, need_frozen: bool):
         """The same at ``rows`` (the adapter acts per token, so gathering first changes nothing)."""

@@ -85,11 +85,14 @@ def write_checkpoint(root: Path, step: int, state: dict, meta: dict, keep: int) 
     return final
 
 
-def training_state(student, optimizer, scheduler, teacher, module_optimizer, source_states: list) -> dict:
-    """The ``state.pt`` dict (``teacher``: the Teacher whose online module is saved, or None)."""
+def training_state(student, optimizer, scheduler, teacher, module_optimizer, source_states: list, whole=None) -> dict:
+    """The ``state.pt`` dict (``teacher``: the Teacher whose online module is saved, or None;
+    ``whole``: the student's and optimizer's states gathered from a sharded run, see
+    ``okd.training.distributed.whole_state_dicts``)."""
+    student_state, optimizer_state = whole or (student.state_dict(), optimizer.state_dict())
     return {
-        "student": student.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "student": student_state,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "module": teacher.module_state_dict() if teacher is not None else None,
         "module_optimizer": module_optimizer.state_dict() if module_optimizer is not None else None,
@@ -98,10 +101,18 @@ def training_state(student, optimizer, scheduler, teacher, module_optimizer, sou
     }
 
 
-def restore_training_state(state: dict, student, optimizer, scheduler, teacher, module_optimizer, source, rank: int) -> None:
-    """Load a ``training_state`` dict back into the run's objects (this process's source state)."""
-    student.load_state_dict(state["student"])
-    optimizer.load_state_dict(state["optimizer"])
+def restore_training_state(
+    state: dict, student, optimizer, scheduler, teacher, module_optimizer, source, rank: int, sharded: bool = False
+) -> None:
+    """Load a ``training_state`` dict back into the run's objects (this process's source state;
+    ``sharded``: a FSDP2 run, whose whole states each process cuts into its shards)."""
+    if sharded:
+        from .distributed import load_whole_state_dicts
+
+        load_whole_state_dicts(student, optimizer, state["student"], state["optimizer"])
+    else:
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if teacher is not None:
         teacher.load_module_state_dict(state["module"])

@@ -17,7 +17,9 @@ both.
 Runs on Hugging Face Accelerate: ``accelerate launch --multi_gpu --num_processes N -m okd.cli distill ...`` gives
 DDP without code changes (``okd.training.distributed``). The online module is not wrapped by DDP: its
 gradients are averaged across processes explicitly before its optimizer step, so it stays identical
-on every rank. Checkpoints: ``okd.training.checkpoint``.
+on every rank. ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` (or ``zero2.yaml``,
+``zero3.yaml``) shards the student through Accelerate and the frozen teacher with it
+(``okd.training.distributed.place_teacher``); the loop stays the same. Checkpoints: ``okd.training.checkpoint``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from okd.config import (
 )
 from okd.io import write_json, write_text
 from okd.fused import FusedLinearDistillationLoss, budget_chunk_tokens
-from okd.heads import final_hidden_at, head_on_positions_supported, loss_positions
+from okd.heads import apply_head, final_hidden_at, head_on_positions_supported, loss_positions
 from okd.losses import DistillationLoss, StepLosses, first_nonfinite, fused_step_losses, fused_unsupported
 from okd.minillm import MiniLLMConfig
 from okd.objectives import MiniLLMObjective
@@ -57,7 +59,10 @@ from okd.teacher import Teacher
 
 from . import checkpoint as ckpt
 from .cached import cache_identity, cached_forward_losses, check_cache_config, open_teacher_cache
-from .distributed import Processes, TokenCount, local_tokens, make_accelerator, peak_memory_mb
+from .distributed import (
+    Processes, TokenCount, check_sharding_request, local_tokens, make_accelerator, peak_memory_mb, place_teacher, plain_norm,
+    reshard_teacher, sharding, whole_state_dicts,
+)
 from .setup import check_output_dir, clear_output_dir, load_datasets, load_models
 from .signals import StopOnSignal
 from .validation import validation_metrics
@@ -113,7 +118,9 @@ class Distiller:
         self.method, self.sampling = config.resolved()
         self.online_config = config.online if self.method.online_teacher else None
         self.output = Path(config.output_dir)
+        check_sharding_request(config)  # FSDP / DeepSpeed: refused in one line before any model loads
         self.accelerator = accelerator = make_accelerator(train, self.output)
+        self.sharding = sharding(accelerator)  # "fsdp", "zero3", "zero" or None
         self.processes = Processes(accelerator)
         check_output_dir(self.output, config.overwrite, config.resume)
         check_cache_config(config, self.method)
@@ -122,7 +129,7 @@ class Distiller:
         self.tokenizer, student, teacher_model = load_models(config.model, self.method, train, config.data.max_length)
         self.teacher: Teacher | None = None
         if teacher_model is not None and self.method.needs_teacher_logits:
-            self.teacher = Teacher(teacher_model, self.online_config, seed=train.seed).to(accelerator.device)
+            self.teacher = Teacher(teacher_model, self.online_config, seed=train.seed)  # placed below
         self.train_set, self.validation_set = load_datasets(config.data, self.tokenizer)
         # model.teacher_cache: the teacher's outputs are read from disk (okd.training.cached); every process opens it.
         self.teacher_cache = open_teacher_cache(config, self.method, self.tokenizer, student, self.train_set)
@@ -145,6 +152,8 @@ class Distiller:
         accelerator.wait_for_everyone()
 
         self.run_config = config.run_config(accelerator.num_processes)
+        if self.sharding is not None:  # a sharded run's checkpoint resumes only sharded the same way
+            self.run_config["sharding"] = self.sharding
         if self.teacher_cache is not None:  # --resume refuses another cache (or a rebuilt one)
             self.run_config["teacher_cache"] = cache_identity(self.teacher_cache)
         resume_from = ckpt.latest_checkpoint(self.output) if config.resume else None
@@ -158,6 +167,8 @@ class Distiller:
         optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
         self.student, self.optimizer = accelerator.prepare(student, optimizer)
         self.student_parameters = [p for p in self.student.parameters() if p.requires_grad]
+        if self.teacher is not None:  # sharded like the student under FSDP2 / ZeRO-3 (after it: DeepSpeed's config is final)
+            self.teacher = place_teacher(accelerator, self.teacher)
         # Not prepared: Accelerate's wrapper would step the schedule once per process per optimizer step.
         self.scheduler = ckpt.learning_rate_schedule(self.optimizer, train, self.schedule_horizon)
         self.module_optimizer = None
@@ -212,10 +223,13 @@ class Distiller:
                 total = losses.loss if losses.module_loss is None else losses.loss + losses.module_loss
                 accelerator.backward(total * processes.token_share(tokens, None if len(batches) == 1 else count))
             parts.append(losses)
+        if self.sharding == "fsdp" and self.teacher is not None:  # the backward is done: back to 1/N of the teacher
+            reshard_teacher(self.teacher)
         losses = parts[0] if len(parts) == 1 else token_weighted(parts, micro_tokens)
         losses.tokens = tokens
         max_norm = self.train_config.max_grad_norm
         grad_norm = accelerator.clip_grad_norm_(self.student_parameters, max_norm if max_norm is not None else math.inf)
+        grad_norm = plain_norm(grad_norm)  # FSDP2: a DTensor; DeepSpeed: a float or None
         if update_module:
             processes.average_gradients(self.teacher.module_parameters())
             grad_norm = grad_norm + torch.nn.utils.clip_grad_norm_(self.teacher.module_parameters(), math.inf)
@@ -278,11 +292,12 @@ class Distiller:
                     targets, student_bias=student_head.bias, teacher_bias=getattr(teacher_head, "bias", None),
                     teacher_frozen_hidden=frozen_hidden, update_module=update_module,
                 ))
-            teacher_logits = self.teacher.head(teacher_hidden) if self.teacher is not None else None
+            teacher_logits = apply_head(self.teacher.head, teacher_hidden) if self.teacher is not None else None
             with torch.no_grad():
-                frozen_logits = self.teacher.head(frozen_hidden) if frozen_hidden is not None else None
+                frozen_logits = apply_head(self.teacher.head, frozen_hidden) if frozen_hidden is not None else None
             return self.loss_fn(
-                student_head(student_hidden), teacher_logits, None, update_module, frozen_logits, self.step, targets=targets
+                apply_head(student_head, student_hidden), teacher_logits, None, update_module, frozen_logits, self.step,
+                targets=targets,
             )
 
     def _choose_heads(self) -> str:
@@ -291,6 +306,9 @@ class Distiller:
         train, student = self.train_config, self.accelerator.unwrap_model(self.student)
         if self.teacher_cache is not None or self.minillm_loss is not None:
             return "full"  # these compute their own losses (okd.training.cached, okd.objectives)
+        if self.sharding == "zero3":
+            # ZeRO-3 gathers a weight only inside its module's call; the fused loss reads the head weights directly.
+            train = dataclasses.replace(train, fused_loss=False)
         if not train.loss_positions_only or not head_on_positions_supported(student) or (
             self.teacher is not None and not self.teacher.supports_positions
         ):
@@ -440,6 +458,8 @@ class Distiller:
             self.loss_fn, self.config.eval.batch_size, self.accelerator.device,
         )
         self.student.train()
+        if self.sharding == "fsdp" and self.teacher is not None:
+            reshard_teacher(self.teacher)
         self.source.observe_validation_loss(metrics["validation_ce"])
         return metrics
 
@@ -447,13 +467,16 @@ class Distiller:
     def save_checkpoint(self) -> Path:
         """Write everything needed to continue exactly (format: ``okd.training.checkpoint``)."""
         accelerator = self.accelerator
+        if self.sharding in ("zero", "zero3"):  # its partitioned optimizer state is not gathered here yet
+            raise RuntimeError(f"okd cannot checkpoint DeepSpeed runs yet (step {self.step}); nothing was written")
         root = self.output / "checkpoints"
         source_states = self.processes.gather_objects(self.source.state_dict())
+        whole = whole_state_dicts(self.student, self.optimizer) if self.sharding == "fsdp" else None  # every rank gathers
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = ckpt.training_state(
                 accelerator.unwrap_model(self.student), self.optimizer, self.scheduler,
-                self.teacher if self.online_config else None, self.module_optimizer, source_states,
+                self.teacher if self.online_config else None, self.module_optimizer, source_states, whole,
             )
             meta = {
                 "step": self.step,
@@ -476,6 +499,7 @@ class Distiller:
         ckpt.restore_training_state(
             state, self.accelerator.unwrap_model(self.student), self.optimizer, self.scheduler,
             self.teacher if self.online_config else None, self.module_optimizer, self.source, self.accelerator.process_index,
+            sharded=self.sharding == "fsdp",
         )
         self.step = int(meta["step"])
         self.train_seconds = float(meta["train_seconds"])
@@ -501,6 +525,11 @@ class Distiller:
         accelerator = self.accelerator
         consistent = self.module_consistent_across_processes()
         source_consistent = self.source_consistent_across_processes()
+        # Sharded (FSDP2 / ZeRO-3): every process takes part in gathering the full weights, rank 0 gets them.
+        full_state = accelerator.get_state_dict(self.student) if self.sharding in ("fsdp", "zero3") else None
+        if full_state is not None:  # tied weights appear once, as in an unsharded save
+            kept = {n for n, _ in self.student.named_parameters()} | {n for n, _ in self.student.named_buffers()}
+            full_state = {n: v for n, v in full_state.items() if n in kept}
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             from okd.models import merged_lora_model, save_pretrained_atomic
@@ -510,7 +539,7 @@ class Distiller:
                 # The adapter alone (peft's format), and the merged student: a plain transformers model.
                 save_pretrained_atomic(student, self.tokenizer, self.output / "student_adapter")
                 student = merged_lora_model(student)
-            save_pretrained_atomic(student, self.tokenizer, self.output / "student")
+            save_pretrained_atomic(student, self.tokenizer, self.output / "student", state_dict=full_state)
             if self.online_config is not None:
                 self.teacher.save_module(self.output / "online_module")
             summary = {
