@@ -244,6 +244,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="2 methods, 1 student, 2 seeds, 20 steps")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and figures from <out>/results.json")
+    parser.add_argument("--merge-from", default=None,
+                        help="with --report-only: comma-separated other --out directories (grids of other students run as "
+                        "separate processes) whose students are added to <out>'s results")
     args = parser.parse_args()
     args.demo_dir = args.demo_dir or TIERS[args.tier]["demo_dir"]
     args.students = args.students or TIERS[args.tier]["students"]
@@ -256,6 +259,8 @@ def main() -> None:
     out = Path(args.out)
     if args.report_only:
         results = json.loads((out / "results.json").read_text())
+        for other in filter(None, (args.merge_from or "").split(",")):
+            results = merge_results(results, json.loads((Path(other) / "results.json").read_text()), other)
         report(results, results["settings"]["methods"].split(","), out)
         return
     demo = Path(args.demo_dir)
@@ -315,6 +320,27 @@ def main() -> None:
                 results["total_seconds"] = before + time.perf_counter() - started
                 write_json_atomic(out / "results.json", results)
     report(results, methods, out)
+
+
+def merge_results(results: dict, other: dict, name: str = "other") -> dict:
+    """``results`` with the students of ``other`` (another process's grid, same settings) added; the
+    commands are kept side by side and the wall-clock seconds summed (the processes may have overlapped)."""
+    shaping = ("tier", "steps", "eval_every", "eval_examples", "max_new_tokens", "max_train_examples")
+    changed = [k for k in shaping if results["settings"].get(k) != other["settings"].get(k)]
+    if changed:
+        sys.exit(f"{name} was written with other settings ({', '.join(changed)}): cannot merge")
+    clash = set(results["sizes"]) & set(other["sizes"])
+    if clash:
+        sys.exit(f"{name} has students that are already in the results: {', '.join(sorted(clash))}")
+    methods = results["settings"]["methods"].split(",")
+    methods += [m for m in other["settings"]["methods"].split(",") if m not in methods]
+    return {
+        **results,
+        "command": f"{results['command']}` and `{other['command']}",
+        "settings": {**results["settings"], "methods": ",".join(methods)},
+        "sizes": {**results["sizes"], **other["sizes"]},
+        "total_seconds": results["total_seconds"] + other["total_seconds"],
+    }
 
 
 def _previous_runs(out: Path, settings: dict) -> dict:

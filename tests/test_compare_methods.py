@@ -119,3 +119,18 @@ def test_results_written_before_the_real_tier_count_as_toy_runs(bench, tmp_path)
     assert list(bench._previous_runs(tmp_path, now)) == [("nano", "kd", 0)]
     with pytest.raises(SystemExit, match=r"other settings \(tier\)"):
         bench._previous_runs(tmp_path, {**now, "tier": "real"})
+
+
+def test_merging_grids_of_other_students(bench, tmp_path):
+    settings = {"tier": "real", "steps": 10, "eval_every": 5, "eval_examples": 4, "max_new_tokens": 8, "max_train_examples": 8}
+    a = {"command": "a", "total_seconds": 2.0, "machine": {}, "settings": {**settings, "methods": "kd,okd"},
+         "sizes": {"10l": {"runs": [_run("kd", 0, [(1.0, 5.0)])]}}}
+    b = {"command": "b", "total_seconds": 3.0, "machine": {}, "settings": {**settings, "methods": "kd,gkd"},
+         "sizes": {"4l": {"runs": [_run("gkd", 0, [(1.0, 4.0)])]}}}
+    merged = bench.merge_results(a, b)
+    assert list(merged["sizes"]) == ["10l", "4l"] and merged["settings"]["methods"] == "kd,okd,gkd"
+    assert merged["total_seconds"] == 5.0
+    with pytest.raises(SystemExit, match="already in the results: 10l"):
+        bench.merge_results(a, a)
+    with pytest.raises(SystemExit, match=r"other settings \(steps\)"):
+        bench.merge_results(a, {**b, "settings": {**b["settings"], "steps": 11}})
