@@ -366,7 +366,12 @@ SAMPLING_METHODS = ("seqkd", "imitkd", "gkd", "distillm", "minillm")
 
 
 def _pm(row: dict, key: str) -> str:
-    return f"{row[f'{key}_mean']:.2f} +- {row[f'{key}_std']:.2f}" if f"{key}_mean" in row else "-"
+    """``mean +- std`` over seeds; the mean alone for one seed (a std of 0 would read as no spread)."""
+    if f"{key}_mean" not in row:
+        return "-"
+    if len(row.get("seeds", ())) == 1:
+        return f"{row[f'{key}_mean']:.2f}"
+    return f"{row[f'{key}_mean']:.2f} +- {row[f'{key}_std']:.2f}"
 
 
 def report(results: dict, methods: list[str], out: Path) -> None:
@@ -395,7 +400,7 @@ def report(results: dict, methods: list[str], out: Path) -> None:
             row = table[method]
             reach = f"{row['seconds_to_95pct_of_best']:.1f}" if row["seconds_to_95pct_of_best"] is not None else "not reached"
             lines.append(
-                f"| {method} | {len(row['seeds'])} | {row['rouge_l_mean']:.2f} +- {row['rouge_l_std']:.2f} | {_pm(row, 'validation_rouge_l')} "
+                f"| {method} | {len(row['seeds'])} | {_pm(row, 'rouge_l')} | {_pm(row, 'validation_rouge_l')} "
                 f"| {row['train_seconds']:.1f} | {row['setup_seconds']:.1f} | {row['train_seconds'] + row['setup_seconds']:.1f} | {reach} |"
             )
         lines.append("")

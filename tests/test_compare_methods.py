@@ -134,3 +134,10 @@ def test_merging_grids_of_other_students(bench, tmp_path):
         bench.merge_results(a, a)
     with pytest.raises(SystemExit, match=r"other settings \(steps\)"):
         bench.merge_results(a, {**b, "settings": {**b["settings"], "steps": 11}})
+
+
+def test_one_seed_shows_no_spread(bench, tmp_path):
+    results = {"command": "c", "total_seconds": 1.0, "machine": {"cpu_count": 2, "torch": "x"},
+               "settings": {"methods": "kd"}, "sizes": {"nano": {"runs": [_run("kd", 0, [(1.0, 5.0)], validation=4.0)]}}}
+    bench.report(results, ["kd"], tmp_path)
+    assert "| kd | 1 | 5.00 | 4.00 |" in (tmp_path / "results.md").read_text()
