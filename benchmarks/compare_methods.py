@@ -300,6 +300,7 @@ def main() -> None:
         "total_seconds": 0.0,
     }
     previous = _previous_runs(out, settings)
+    reported = carry_over(results, previous, sizes, seeds, methods)
     started, before = time.perf_counter(), sum(r.get("wall_seconds", 0.0) for r in previous.values())
     # One student at a time (in --students order), and for it round robin over seeds: seed s of
     # every method before any seed s + 1, so an interrupted grid still has comparable seeds for all
@@ -319,7 +320,7 @@ def main() -> None:
                 results["sizes"][size]["runs"].append(run)
                 results["total_seconds"] = before + time.perf_counter() - started
                 write_json_atomic(out / "results.json", results)
-    report(results, methods, out)
+    report(results, reported, out)
 
 
 def merge_results(results: dict, other: dict, name: str = "other") -> dict:
@@ -341,6 +342,19 @@ def merge_results(results: dict, other: dict, name: str = "other") -> dict:
         "sizes": {**results["sizes"], **other["sizes"]},
         "total_seconds": results["total_seconds"] + other["total_seconds"],
     }
+
+
+def carry_over(results: dict, previous: dict, sizes: list[str], seeds: list[int], methods: list[str]) -> list[str]:
+    """Put the finished runs this invocation will not visit (other methods, seeds or students) into
+    ``results``, so a rerun with a narrower grid never drops what an earlier one wrote; returns the
+    methods to report (this invocation's, then the earlier ones'), also recorded in the settings."""
+    planned = {(size, method, seed) for size in sizes for method in methods for seed in seeds}
+    for key, run in previous.items():
+        if key not in planned:
+            results["sizes"].setdefault(key[0], {"runs": []})["runs"].append(run)
+    reported = methods + [m for m in dict.fromkeys(key[1] for key in previous) if m not in methods]
+    results["settings"]["methods"] = ",".join(reported)
+    return reported
 
 
 def _previous_runs(out: Path, settings: dict) -> dict:

@@ -141,3 +141,14 @@ def test_one_seed_shows_no_spread(bench, tmp_path):
                "settings": {"methods": "kd"}, "sizes": {"nano": {"runs": [_run("kd", 0, [(1.0, 5.0)], validation=4.0)]}}}
     bench.report(results, ["kd"], tmp_path)
     assert "| kd | 1 | 5.00 | 4.00 |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_narrower_rerun_keeps_the_runs_it_does_not_visit(bench):
+    previous = {("10l", "kd", 0): _run("kd", 0, [(1.0, 5.0)]), ("10l", "okd", 0): _run("okd", 0, [(1.0, 6.0)]),
+                ("4l", "kd", 0): _run("kd", 0, [(1.0, 4.0)])}
+    results = {"settings": {"methods": "okd,gkd"}, "sizes": {"10l": {"runs": []}}}
+    reported = bench.carry_over(results, previous, ["10l"], [0, 1], ["okd", "gkd"])
+    # okd seed 0 is planned (the loop reuses it); kd at 10l and the 4l student are not: kept here.
+    assert [r["method"] for r in results["sizes"]["10l"]["runs"]] == ["kd"]
+    assert [r["method"] for r in results["sizes"]["4l"]["runs"]] == ["kd"]
+    assert reported == ["okd", "gkd", "kd"] and results["settings"]["methods"] == "okd,gkd,kd"
