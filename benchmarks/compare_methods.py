@@ -150,6 +150,8 @@ def run_one(method: str, size: str, seed: int, args, demo: Path, eval_sets, work
     for target in range(args.eval_every, steps + args.eval_every, args.eval_every):
         distiller.train_config.max_steps = min(target, steps)
         distiller.train()
+        if distiller.interrupted:  # SIGTERM / SIGINT: the loop saved a checkpoint; stop the grid, not just this segment
+            sys.exit(f"stopped by a signal during {run_label(size, method, seed)}; rerun the same command to resume the grid")
         student = distiller.accelerator.unwrap_model(distiller.student)
         scored = evaluate_model(student, distiller.tokenizer, test_set, [seed], generation, progress=False)
         curve.append({"step": distiller.step, "train_seconds": distiller.train_seconds, "rouge_l": scored.rouge_l_mean})
