@@ -488,3 +488,52 @@ def test_loss_object_from_method_config():
     with pytest.raises(ValueError, match="has no parameter"):
         FusedLinearDistillationLoss("jsd", {"alpha": 0.1})
     assert math.isfinite(float(direct.loss))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_okd_module_with_its_own_divergence_matches_dense_and_float64(case, temperature):
+    """OKD's ``online.divergence`` other than the student's: the student keeps forward KL, the module's
+    D(student.detach() -> teacher) is ``case``'s divergence (values and h_t's gradient vs both references)."""
+    name, params, ref_fn = case
+    student_name, student_params, student_ref = next(c for c in CASES if c[0] == "forward_kl")
+    base = make_inputs(masked=True, vocab_t=40)
+    x_f, x_d, x_r = (leaves(base, ["h_s", "w_s", "h_t"]) for _ in range(3))
+    fused = fused_linear_distillation(
+        x_f["h_s"], x_f["w_s"], x_f["h_t"], x_f["w_t"], x_f["targets"], x_f["mask"],
+        student_bias=x_f["b_s"], teacher_bias=x_f["b_t"], divergence=student_name, divergence_params=student_params,
+        kd_ratio=0.5, temperature=temperature, chunk_tokens=5, module_ce_weight=0.3, module_student_weight=1.7,
+        module_divergence=name, module_divergence_params=params,
+    )
+    student_d = dense(x_d, student_name, student_params, 0.5, temperature)
+    module_d = dense(x_d, name, params, 0.5, temperature, module=(0.3, 1.7))
+    student_r = float64_reference(x_r, student_ref, student_params, 0.5, temperature)
+    module_r = float64_reference(x_r, ref_fn, params, 0.5, temperature, module=(0.3, 1.7))
+    for field, d, r in (("loss", student_d, student_r), ("kd", student_d, student_r),
+                        ("module_loss", module_d, module_r), ("module_divergence", module_d, module_r)):
+        assert_close(getattr(fused, field), d[field], f"{field} vs dense")
+        assert_close(getattr(fused, field), r[field], f"{field} vs float64")
+    g_f = grads_of(x_f, fused.loss + fused.module_loss, ["h_s", "w_s", "h_t"])
+    g_d = grads_of(x_d, student_d["loss"] + module_d["module_loss"], ["h_s", "w_s", "h_t"])
+    g_r = grads_of(x_r, student_r["loss"] + module_r["module_loss"], ["h_s", "w_s", "h_t"])
+    for n in ("h_s", "w_s", "h_t"):
+        assert_close(g_f[n], g_d[n], f"grad {n} vs dense")
+        assert_close(g_f[n], g_r[n], f"grad {n} vs float64")
+
+
+def test_module_divergence_from_the_online_config():
+    from okd.config import MethodConfig, OnlineModuleConfig, resolve_method
+
+    method = resolve_method(MethodConfig(name="okd"))
+    own = FusedLinearDistillationLoss.from_method(method, OnlineModuleConfig(divergence="jsd", divergence_params={"beta": 0.3}))
+    same = FusedLinearDistillationLoss.from_method(method, OnlineModuleConfig())
+    assert (own.module_divergence, own.module_divergence_params) == ("jsd", {"beta": 0.3})
+    assert same.module_divergence is None
+    x = make_inputs()
+    args = (x["h_s"], x["w_s"], x["h_t"], x["w_t"], x["targets"], x["mask"])
+    a = own(*args, student_bias=x["b_s"], teacher_bias=x["b_t"], update_module=True)
+    b = same(*args, student_bias=x["b_s"], teacher_bias=x["b_t"], update_module=True)
+    assert float(a.loss) == float(b.loss)  # the student's loss does not depend on the module's divergence
+    assert float(a.module_divergence) != float(b.module_divergence)
+    with pytest.raises(ValueError, match="has no parameter"):
+        FusedLinearDistillationLoss(module_divergence="jsd", module_divergence_params={"alpha": 0.1})

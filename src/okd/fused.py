@@ -24,8 +24,9 @@ Conventions (the same as the dense path, ``okd.training.DistillationLoss`` over 
 * **Student loss**: ``(1 - kd_ratio) * CE(student, targets) + kd_ratio * D(teacher.detach(), student)``.
   With ``kd_ratio = 1`` the CE is still computed (for logging) but carries no gradient.
 * **Module loss (OKD)**, when ``module_ce_weight`` and ``module_student_weight`` are given:
-  ``module_ce_weight * CE(teacher, targets) + module_student_weight * D(student.detach(), teacher)``,
-  i.e. the same divergence with roles swapped (the student is the target distribution). Its gradient
+  ``module_ce_weight * CE(teacher, targets) + module_student_weight * D'(student.detach(), teacher)``:
+  the student is the target distribution; ``D'`` is the same divergence with roles swapped, or the
+  module's own (``module_divergence``, e.g. generalized JSD). Its gradient
   flows into the teacher's hidden states only (the online adapter sits before the frozen head).
 * **Temperature** ``T`` divides both logits inside ``D`` only; there is **no** ``T**2`` factor (as in
   ``okd.divergences``), and CE always uses the unscaled logits.
@@ -114,6 +115,7 @@ class _Plan:
     n_counted: int
     targets: Optional[Tensor]  # [M] targets of the counted tokens (already selected), or None
     divergence: Optional[Callable[..., Tensor]]  # bound: temperature, reduction="sum", chunk_tokens
+    module_divergence: Optional[Callable[..., Tensor]]  # the module's D(student -> teacher), bound likewise
     kd_ratio: float
     use_kd: bool
     module: bool
@@ -222,7 +224,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 with torch.enable_grad():
                     t_leaf = t.requires_grad_(True) if plan.need_h_t else t
                     mce = _ce_sum(t_leaf, y) if y is not None else None
-                    mdiv = plan.divergence(s_target, t_leaf[:, :v_s])
+                    mdiv = plan.module_divergence(s_target, t_leaf[:, :v_s])
                     if mce is not None:
                         sums[2] += mce.detach().double()
                     sums[3] += mdiv.detach().double()
@@ -310,6 +312,8 @@ def fused_linear_distillation(
     temperature: float = 1.0,
     module_ce_weight: Optional[float] = None,
     module_student_weight: Optional[float] = None,
+    module_divergence: Optional[str] = None,
+    module_divergence_params: Optional[dict] = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ignore_index: int = -100,
 ) -> FusedLosses:
@@ -338,6 +342,9 @@ def fused_linear_distillation(
         module_ce_weight, module_student_weight: give both for the OKD module loss
             ``module_ce_weight CE(teacher) + module_student_weight D(student.detach() -> teacher)``,
             whose gradient flows into ``teacher_hidden``.
+        module_divergence, module_divergence_params: the module's ``D`` (a name of
+            ``okd.divergences.DIVERGENCES`` and its parameters, at the same temperature); None = the
+            student's ``divergence`` and ``divergence_params`` (OKD's ``online.divergence=same``).
         chunk_tokens: counted tokens per chunk; peak memory grows with ``chunk_tokens * V``. The result
             does not depend on it beyond float32 rounding.
         ignore_index: the target value that marks a position without a target.
@@ -398,6 +405,14 @@ def fused_linear_distillation(
         divergence_fn = get_divergence(
             divergence, **(divergence_params or {}), temperature=temperature, reduction="sum", chunk_tokens=chunk_tokens
         )
+    module_divergence_fn = divergence_fn
+    if module and module_divergence is not None:
+        module_divergence_fn = get_divergence(
+            module_divergence, **(module_divergence_params or {}), temperature=temperature, reduction="sum",
+            chunk_tokens=chunk_tokens,
+        )
+    elif module_divergence_params:
+        raise ValueError("module_divergence_params given without module_divergence")
 
     # ---- counted tokens ----
     n = math.prod(lead)
@@ -444,6 +459,7 @@ def fused_linear_distillation(
         n_counted=n_counted,
         targets=flat_targets,
         divergence=divergence_fn,
+        module_divergence=module_divergence_fn if module else None,
         kd_ratio=kd_ratio,
         use_kd=use_kd,
         module=module,
@@ -482,6 +498,7 @@ class FusedLinearDistillationLoss:
         divergence, divergence_params, kd_ratio, temperature, chunk_tokens, ignore_index: as in
             :func:`fused_linear_distillation`.
         module_ce_weight, module_student_weight: the OKD module loss weights (None: no module loss).
+        module_divergence, module_divergence_params: the module's own divergence (None: ``divergence``).
 
     ``from_method(method, online, chunk_tokens)`` builds it from ``okd.config``'s ``ResolvedMethod`` and
     ``OnlineModuleConfig`` (the objects ``okd.training.DistillationLoss`` takes).
@@ -499,6 +516,8 @@ class FusedLinearDistillationLoss:
         temperature: float = 1.0,
         module_ce_weight: Optional[float] = None,
         module_student_weight: Optional[float] = None,
+        module_divergence: Optional[str] = None,
+        module_divergence_params: Optional[dict] = None,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         ignore_index: int = -100,
     ):
@@ -508,13 +527,19 @@ class FusedLinearDistillationLoss:
         self.temperature = temperature
         self.module_ce_weight = module_ce_weight
         self.module_student_weight = module_student_weight
+        self.module_divergence = module_divergence
+        self.module_divergence_params = dict(module_divergence_params or {})
         self.chunk_tokens = chunk_tokens
         self.ignore_index = ignore_index
         get_divergence(divergence, **self.divergence_params)  # fail at construction on a bad name/parameter
+        if module_divergence is not None:
+            get_divergence(module_divergence, **self.module_divergence_params)
 
     @classmethod
     def from_method(cls, method, online=None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> "FusedLinearDistillationLoss":
-        """From ``okd.config.ResolvedMethod`` (+ ``OnlineModuleConfig`` for OKD)."""
+        """From ``okd.config.ResolvedMethod`` (+ ``OnlineModuleConfig`` for OKD; its ``divergence``
+        ``same`` is the method's divergence and parameters)."""
+        own = online is not None and online.divergence != "same"
         return cls(
             divergence=method.divergence,
             divergence_params=method.divergence_params,
@@ -522,6 +547,8 @@ class FusedLinearDistillationLoss:
             temperature=method.temperature,
             module_ce_weight=None if online is None else online.ce_weight,
             module_student_weight=None if online is None else online.student_weight,
+            module_divergence=online.divergence if own else None,
+            module_divergence_params=online.divergence_params if own else None,
             chunk_tokens=chunk_tokens,
         )
 
@@ -556,6 +583,8 @@ class FusedLinearDistillationLoss:
             temperature=self.temperature,
             module_ce_weight=self.module_ce_weight if module else None,
             module_student_weight=self.module_student_weight if module else None,
+            module_divergence=self.module_divergence if module else None,
+            module_divergence_params=self.module_divergence_params if module and self.module_divergence else None,
             chunk_tokens=self.chunk_tokens,
             ignore_index=self.ignore_index,
         )

@@ -144,8 +144,8 @@ def fused_unsupported(method: ResolvedMethod, online: OnlineModuleConfig | None,
     """Why ``train.fused_loss`` falls back to the dense path for this run (None: it does not).
 
     The fused loss (``okd.fused``) covers the student's ``(1 - kd_ratio) CE + kd_ratio D`` and OKD's
-    module loss ``ce_weight CE + student_weight D(student -> teacher)`` with the method's own
-    divergence, through the adapter or with no module; both models must have plain heads
+    module loss ``ce_weight CE + student_weight D(student -> teacher)`` (``online.divergence``: the
+    method's own or any other), through the adapter or with no module; both models must have plain heads
     (``okd.heads.head_on_positions_supported``).
     """
     from okd.heads import head_on_positions_supported
@@ -159,10 +159,6 @@ def fused_unsupported(method: ResolvedMethod, online: OnlineModuleConfig | None,
             return f"online.kind={online.kind} (the fused loss takes the module's gradient through the adapter only)"
         if online.anchor_weight > 0 or online.teacher_mix > 0:
             return "online.anchor_weight / online.teacher_mix need the frozen teacher's logits"
-        if online.divergence not in ("same", method.divergence) or (
-            online.divergence != "same" and dict(online.divergence_params or {}) != dict(method.divergence_params or {})
-        ):
-            return "online.divergence differs from the method's divergence"
     return None
 
 
