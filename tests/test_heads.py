@@ -18,7 +18,8 @@ from okd.heads import final_hidden_at, head_on_positions_supported, loss_positio
 from okd.losses import next_token_targets
 from okd.training import Distiller
 
-MODES = {"full": dict(loss_positions_only=False), "positions": dict(fused_loss=False), "fused": dict()}
+# "fused": on every micro-batch (by default only where the loss positions' logits exceed 256 MiB).
+MODES = {"full": dict(loss_positions_only=False), "positions": dict(fused_loss=False), "fused": dict(fused_min_logits_mib=0.0)}
 
 
 def run(setting, tmp_path, mode, method, online=None, steps=3, sampling=None, **method_fields):
@@ -71,6 +72,8 @@ def test_positions_and_fused_equal_full_logits(tiny_setting, tmp_path, method, o
     fused = run(tiny_setting, tmp_path, "fused", method, online, **fields)
     assert (full[0].heads, positions[0].heads) == ("full", "positions")
     assert fused[0].heads == ("fused" if fused_expected else "positions")
+    if fused_expected:  # every micro-batch really took the fused loss
+        assert fused[0].loss_path_batches == {"fused": 3, "positions": 0}
     assert_same_run(positions, full)
     if fused_expected:
         assert_same_run(fused, full)
@@ -123,3 +126,34 @@ def test_post_processed_logits_fall_back_to_full_logits():
     assert head_on_positions_supported(LlamaForCausalLM(LlamaConfig(**small)))
     assert not head_on_positions_supported(Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=30.0)))
     assert not head_on_positions_supported(torch.nn.Linear(4, 4))
+
+
+def test_the_fused_loss_takes_only_micro_batches_with_large_logits(tiny_setting, tmp_path):
+    """``train.fused_min_logits_mib``: a micro-batch takes the fused loss when its loss positions' float32
+    logits exceed the threshold, the dense loss on those positions otherwise; the run is the same."""
+    kwargs = configs(tiny_setting, "kd", steps=4)
+    kwargs["data"] = dataclasses.replace(kwargs["data"], validation_file=None)
+    probe = Distiller(output_dir=str(tmp_path / "probe"), **kwargs)  # the 4 batches every run below sees
+    vocab = probe.accelerator.unwrap_model(probe.student).get_output_embeddings().weight.shape[0]
+    sizes = []
+    for _ in range(4):
+        _, targets = loss_positions(probe.source.next_batch()["labels"])
+        sizes.append(targets.numel() * vocab * 4 / 2**20)  # MiB of this batch's loss-position logits
+    threshold = sorted(sizes)[1]  # some batches above, some at or below
+    runs = {}
+    for name, mib in (("default", None), ("split", threshold), ("dense", 1e9)):
+        fields = {} if mib is None else {"fused_min_logits_mib": mib}
+        kwargs = configs(tiny_setting, "kd", steps=4)
+        kwargs["data"] = dataclasses.replace(kwargs["data"], validation_file=None)
+        kwargs["train"] = dataclasses.replace(kwargs["train"], **fields)
+        distiller = Distiller(output_dir=str(tmp_path / name), **kwargs)
+        distiller.train()
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (distiller, records)
+    assert runs["default"][0].loss_path_batches == {"fused": 0, "positions": 4}  # tiny logits: all dense
+    assert runs["split"][0].loss_path_batches == {"fused": sum(s > threshold for s in sizes), "positions": sum(s <= threshold for s in sizes)}
+    assert 0 < runs["split"][0].loss_path_batches["fused"] < 4
+    assert_same_run(runs["split"], runs["dense"])
+    with pytest.raises(ValueError, match="fused_min_logits_mib"):
+        kwargs["train"] = dataclasses.replace(kwargs["train"], fused_min_logits_mib=-1.0)
+        Distiller(output_dir=str(tmp_path / "bad"), **kwargs)

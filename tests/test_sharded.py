@@ -30,6 +30,7 @@ def sharded_configs(setting: dict, method: str, batch_size: int, accumulation: i
     kwargs["train"].batch_size = batch_size
     kwargs["train"].gradient_accumulation_steps = accumulation
     kwargs["train"].fused_loss = heads == "fused"
+    kwargs["train"].fused_min_logits_mib = 0.0  # "fused": on every micro-batch, however small
     kwargs["train"].loss_positions_only = heads != "full"
     kwargs["data"].max_validation_examples = 16
     kwargs["train"].checkpoint_every = 2
@@ -140,8 +141,10 @@ def test_fsdp_two_processes_match_one_process(tiny_setting, fsdp_runs, tmp_path,
     whole = load_file(str(single.output_dir / "student" / "model.safetensors"))
     gathered = load_file(str(fsdp_runs / run / "student" / "model.safetensors"))
     assert whole.keys() == gathered.keys()
+    # atol 3e-5: after 3 Adam steps at lr 3e-3, a float32 rounding difference in a near-zero gradient entry
+    # moves that weight by up to ~1e-5 (Adam divides by the gradient's own scale); a wrong update is >= 1e-3.
     for name in whole:
-        torch.testing.assert_close(gathered[name], whole[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gathered[name], whole[name], rtol=1e-4, atol=3e-5)
     summary = json.loads((fsdp_runs / run / "train_summary.json").read_text())
     assert summary["num_processes"] == 2
     if method == "okd":

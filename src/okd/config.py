@@ -378,8 +378,14 @@ class TrainConfig:
     fused_loss: bool = True
     """Compute the loss from hidden states and head weights chunk by chunk (okd.fused): no [tokens, vocab]
     logits tensor ever exists. Used when loss_positions_only is on and the run fits it: Hugging Face
-    heads without logit post-processing, and no online module or the adapter with online.divergence
-    'same' and no anchor_weight / teacher_mix; otherwise the dense path runs (one info line says why)."""
+    heads without logit post-processing, and no online module or the adapter without anchor_weight /
+    teacher_mix; otherwise the dense path runs (one info line says why). Per micro-batch, only where
+    the logits would be large: see fused_min_logits_mib."""
+    fused_min_logits_mib: float = 256.0
+    """The fused loss takes a micro-batch only when its loss positions' logits (N positions x the larger
+    vocabulary, float32) would exceed this many MiB; a smaller one takes the dense loss on those positions,
+    which is faster there (one head matmul per model instead of a chunk loop that reads each head weight
+    several times) and whose memory is small at that size. Same losses either way. 0: always fused."""
     fused_chunk_tokens: Optional[int] = None
     """Loss tokens per chunk of the fused loss; empty: the largest chunk within 0.15x of one fp32
     [8192, vocab] logits tensor (okd.fused.budget_chunk_tokens: 21 for hidden size 576)."""

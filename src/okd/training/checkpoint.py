@@ -36,6 +36,7 @@ STATE_FILE = "state.pt"
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.report_to",
     "train.gradient_checkpointing",  # trades memory for compute; the gradients stay the same
+    "train.fused_min_logits_mib",  # picks the fused or the dense loss per micro-batch; the same losses
     "eval.batch_size",
 }
 

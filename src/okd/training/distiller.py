@@ -255,7 +255,8 @@ class Distiller:
 
         ``self.heads`` says where the output heads run: over every position (``full``), or only at
         the N loss positions (``positions``: logits ``[N, V]``; ``fused``: hidden states ``[N, d]`` and
-        head weights go to ``okd.fused``, no logits tensor at all). All three give the same losses.
+        head weights go to ``okd.fused``, no logits tensor at all, for micro-batches whose logits would
+        exceed ``train.fused_min_logits_mib``; smaller ones take ``positions``). All give the same losses.
         """
         if self.teacher_cache is not None:  # the teacher's outputs come from disk (okd.training.cached)
             return cached_forward_losses(self, batch, update_module)
@@ -285,7 +286,7 @@ class Distiller:
                 teacher_hidden, frozen_hidden = self.teacher.hidden_and_frozen(
                     ids, attention, rows, track_module_grad=update_module, need_frozen=need_frozen
                 )
-            if self.heads == "fused":
+            if self.heads == "fused" and self._fused_pays(rows.numel()):
                 teacher_head = self.teacher.head if self.teacher is not None else None
                 return fused_step_losses(self.fused_fn(
                     student_hidden, student_head.weight, teacher_hidden, getattr(teacher_head, "weight", None),
@@ -299,6 +300,14 @@ class Distiller:
                 apply_head(student_head, student_hidden), teacher_logits, None, update_module, frozen_logits, self.step,
                 targets=targets,
             )
+
+    def _fused_pays(self, positions: int) -> bool:
+        """Whether this micro-batch takes the fused loss: its ``positions`` loss positions' float32 logits
+        at the larger vocabulary would exceed ``train.fused_min_logits_mib`` (else the dense loss on
+        those positions, faster at that size). Counted in ``self.loss_path_batches``."""
+        fused = positions * self._logits_row_bytes > self.train_config.fused_min_logits_mib * 2**20
+        self.loss_path_batches["fused" if fused else "positions"] += 1
+        return fused
 
     def _choose_heads(self) -> str:
         """``full``, ``positions`` or ``fused`` for ``self.heads`` (the rule: ``train.loss_positions_only``,
@@ -323,6 +332,13 @@ class Distiller:
         chunk = train.fused_chunk_tokens if train.fused_chunk_tokens is not None else budget_chunk_tokens(student.config.hidden_size)
         if chunk < 1:
             raise ValueError(f"train.fused_chunk_tokens must be >= 1, got {train.fused_chunk_tokens}")
+        if not (math.isfinite(train.fused_min_logits_mib) and train.fused_min_logits_mib >= 0):
+            raise ValueError(f"train.fused_min_logits_mib must be a finite number >= 0, got {train.fused_min_logits_mib}")
+        vocab = student.get_output_embeddings().weight.shape[0]
+        if self.teacher is not None:
+            vocab = max(vocab, self.teacher.head.weight.shape[0])
+        self._logits_row_bytes = 4 * vocab  # one float32 logits row
+        self.loss_path_batches = {"fused": 0, "positions": 0}
         self.fused_fn = FusedLinearDistillationLoss.from_method(self.method, self.online_config, chunk)
         return "fused"
 
