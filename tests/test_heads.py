@@ -157,3 +157,71 @@ def test_the_fused_loss_takes_only_micro_batches_with_large_logits(tiny_setting,
     with pytest.raises(ValueError, match="fused_min_logits_mib"):
         kwargs["train"] = dataclasses.replace(kwargs["train"], fused_min_logits_mib=-1.0)
         Distiller(output_dir=str(tmp_path / "bad"), **kwargs)
+
+
+def _tiny_causal_lms():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+    ))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0))
+    return {"llama": llama, "gpt2": gpt2}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("wrap", ["plain", "peft", "module_wrapper"])
+def test_final_hidden_is_the_last_hidden_state_and_leaves_no_hook(arch, wrap):
+    """okd.heads.final_hidden takes the base model's last_hidden_state by a hook: the same tensor as
+    ``hidden_states[-1]`` of ``output_hidden_states=True`` (bit for bit, after the final norm, what the head
+    reads), through peft and through a DDP-like ``.module`` wrapper, and the hook is gone afterwards."""
+    from okd.heads import decoder_of, final_hidden
+
+    model = _tiny_causal_lms()[arch].eval()
+    ids = torch.randint(0, 40, (2, 7))
+    attention = torch.ones_like(ids)
+    attention[1, 5:] = 0
+    expected = model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(model.get_output_embeddings()(expected), model(input_ids=ids, attention_mask=attention).logits, rtol=0, atol=0)
+    wrapped = model
+    if wrap == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        target = ["q_proj", "v_proj"] if arch == "llama" else ["c_attn"]
+        wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=target, init_lora_weights=True))
+    elif wrap == "module_wrapper":  # the shape of DDP / DeepSpeed: the model under .module, forward delegated
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, module):
+                super().__init__()
+                self.module = module
+
+            def forward(self, **kwargs):
+                return self.module(**kwargs)
+
+        wrapped = Wrapper(model)
+    decoder = decoder_of(wrapped)
+    assert decoder is model.get_decoder()
+    torch.testing.assert_close(final_hidden(wrapped, ids, attention), expected, rtol=0, atol=0)
+    assert not decoder._forward_hooks
+
+
+def test_final_hidden_falls_back_to_all_hidden_states_without_a_base_model():
+    from okd.heads import decoder_of, final_hidden
+
+    model = _tiny_causal_lms()["llama"].eval()
+
+    class Opaque(torch.nn.Module):  # no .module, not peft, not a PreTrainedModel
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    ids = torch.randint(0, 40, (2, 7))
+    assert decoder_of(Opaque()) is None
+    expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(final_hidden(Opaque(), ids, None), expected, rtol=0, atol=0)

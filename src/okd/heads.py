@@ -66,18 +66,60 @@ def apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     return head(hidden)
 
 
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The base model (the decoder stack ending in the final norm) inside ``model`` and any wrapper around
+    it (DDP's or DeepSpeed's ``.module``, peft's base model), or None when there is none to find."""
+    from transformers import PreTrainedModel
+
+    for _ in range(4):  # DDP(peft(model)) at most, in practice
+        if isinstance(model, PreTrainedModel):
+            break
+        if hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP, DeepSpeed
+            model = model.module
+        else:
+            return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+
+
 def final_hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
     """The final hidden states (after the final norm): ``[batch, seq, d]``.
 
     Called through the model's own ``forward`` (so wrappers such as DDP or peft, and FSDP's or
-    DeepSpeed's hooks, see the call) with ``logits_to_keep`` empty: the head computes nothing, and
-    ``hidden_states[-1]`` is what it would read.
+    DeepSpeed's hooks, see the call) with ``logits_to_keep`` empty: the head computes nothing. The
+    base model's ``last_hidden_state`` (what the head reads) is taken by a forward hook on it, so the
+    other layers' hidden states are never collected (``output_hidden_states=True`` would keep all of
+    them alive: under ``no_grad`` that is the teacher's whole stack of activations). A model whose base
+    model cannot be found falls back to ``output_hidden_states=True``.
     """
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-        logits_to_keep=_NO_LOGITS.to(input_ids.device),
-    )
-    return out.hidden_states[-1]
+    no_logits = _NO_LOGITS.to(input_ids.device)
+    decoder = decoder_of(model)
+    if decoder is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=no_logits)
+        return out.hidden_states[-1]
+    captured = []
+
+    def keep_last_hidden_state(module, args, output):
+        captured.append(getattr(output, "last_hidden_state", None))
+
+    handle = decoder.register_forward_hook(keep_last_hidden_state)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=no_logits)
+    finally:
+        handle.remove()
+    if len(captured) != 1 or captured[0] is None:
+        raise RuntimeError(
+            f"okd.heads.final_hidden: {type(decoder).__name__} ran {len(captured)} times or returned no "
+            "last_hidden_state; use --train.loss_positions_only false for this model"
+        )
+    return captured[0]
 
 
 def final_hidden_at(model: nn.Module, input_ids, attention_mask, rows: torch.Tensor) -> torch.Tensor:
