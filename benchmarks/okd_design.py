@@ -104,13 +104,14 @@ def select(table: dict, baseline: str = BASELINE) -> str | None:
     return max(candidates, key=lambda n: (table[n]["validation_rouge_l_mean"], -table[n].get("validation_ce_mean", 0.0)))
 
 
-def beats(a: dict, b: dict, split: str = "validation") -> bool | None:
-    """Does ``a`` beat ``b`` on ``split`` ROUGE-L beyond the seed spread (mean difference larger than
-    the sum of the two standard deviations)? None when either has fewer than 2 seeds (no spread)."""
+def beats(a: dict, b: dict, metric: str = "validation_rouge_l") -> bool | None:
+    """Does ``a`` beat ``b`` on ``metric`` (rows with ``<metric>_mean`` / ``<metric>_std``) beyond the seed
+    spread (mean difference larger than the sum of the two standard deviations)? None when either has
+    fewer than 2 seeds (no spread)."""
     if min(len(a.get("seeds", ())), len(b.get("seeds", ()))) < 2:
         return None
-    diff = a[f"{split}_rouge_l_mean"] - b[f"{split}_rouge_l_mean"]
-    return diff > a[f"{split}_rouge_l_std"] + b[f"{split}_rouge_l_std"]
+    diff = a[f"{metric}_mean"] - b[f"{metric}_mean"]
+    return diff > a[f"{metric}_std"] + b[f"{metric}_std"]
 
 
 def tested_variants(selected: str | None, variants: list[str]) -> list[str]:
@@ -176,7 +177,7 @@ def report(results: dict, out: Path) -> dict:
         lines += ["", "## Test (once, after the selection)", "", "| variant | test ROUGE-L |", "|---|---:|"]
         lines += [f"| {v} | {_fmt(table[v], 'test_rouge_l')} |" for v in tested]
         if selected in tested and BASELINE in tested:
-            verdict = _verdict(beats(table[selected], table[BASELINE], "test"), BASELINE)
+            verdict = _verdict(beats(table[selected], table[BASELINE], "test_rouge_l"), BASELINE)
             lines += ["", f"On test, {selected} {verdict}."]
     write_json_atomic(out / "results.json", results)
     (out / "results.md.tmp").write_text("\n".join(lines) + "\n")

@@ -121,15 +121,10 @@ def eval_key(settings: RealDemoSettings, model_key: str) -> str:
 
 
 def _train_config(settings: RealDemoSettings, steps: int, lr: float) -> TrainConfig:
-    return TrainConfig(
-        max_steps=steps,
-        batch_size=settings.batch_size,
-        learning_rate=lr,
-        warmup_steps=max(steps // 10, 1),
-        lr_scheduler="cosine",
-        seed=settings.seed,
-        log_every=max(steps // 20, 1),
-    )
+    """Few steps: a tenth of them warm up (the toy demo's twentieth would be 1-2 steps here)."""
+    from okd.demo.toy import demo_train_config
+
+    return demo_train_config(settings, steps, lr, warmup_per=10, logs=20)
 
 
 # --------------------------------------------------------------------------------------

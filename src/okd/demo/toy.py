@@ -123,7 +123,7 @@ def _train_teacher(settings: DemoSettings, data: DataConfig, tokenizer_dir: Path
         ),
         method=MethodConfig(name="sft"),
         data=data,
-        train=_train_config(settings, settings.teacher_steps, settings.teacher_learning_rate),
+        train=demo_train_config(settings, settings.teacher_steps, settings.teacher_learning_rate),
         output_dir=str(run),
         overwrite=True,
     )
@@ -140,15 +140,17 @@ def publish_teacher(run: Path, out: Path, marker: Path, key: str) -> None:
     write_text(marker, key + "\n")
 
 
-def _train_config(settings: DemoSettings, steps: int, lr: float) -> TrainConfig:
+def demo_train_config(settings, steps: int, lr: float, *, warmup_per: int = 20, logs: int = 30) -> TrainConfig:
+    """A demo run's training settings: ``settings.batch_size`` and ``settings.seed``, a cosine schedule
+    after ``steps // warmup_per`` warm-up steps (at least 1), about ``logs`` metric lines."""
     return TrainConfig(
         max_steps=steps,
         batch_size=settings.batch_size,
         learning_rate=lr,
-        warmup_steps=max(steps // 20, 1),
+        warmup_steps=max(steps // warmup_per, 1),
         lr_scheduler="cosine",
         seed=settings.seed,
-        log_every=max(steps // 30, 1),
+        log_every=max(steps // logs, 1),
     )
 
 
@@ -217,7 +219,7 @@ def run_toy_demo(quick: bool = False, output_dir: str = "runs/demo", methods: li
             method=MethodConfig(name=name),
             online=OnlineModuleConfig(),
             data=data,
-            train=_train_config(settings, settings.student_steps, settings.learning_rate),
+            train=demo_train_config(settings, settings.student_steps, settings.learning_rate),
             # Validation every 10% of the run: its loss drives DistiLLM's adaptive threshold.
             eval=EvalConfig(every=max(settings.student_steps // 10, 1)),
             sampling=SamplingConfig(max_new_tokens=settings.max_new_tokens),
