@@ -48,7 +48,9 @@ def assert_same_run(a, b, terms=("loss", "ce", "kd", "module_loss", "module_ce",
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-ADAPTER = OnlineModuleConfig(kind="adapter", update_every=1, learning_rate=1e-2)
+# lr 1e-3: Adam turns a float32-rounding difference in a near-zero gradient entry into up to lr, and
+# the default module divergence (JSD) has more rounding than KL; a wrong gradient still shows.
+ADAPTER = OnlineModuleConfig(kind="adapter", update_every=1, learning_rate=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -59,12 +61,11 @@ ADAPTER = OnlineModuleConfig(kind="adapter", update_every=1, learning_rate=1e-2)
         ("jsd", None, {}, True),
         ("sft", None, {}, True),
         ("okd", ADAPTER, {}, True),
-        # lr 1e-3: Adam turns a float32-rounding difference in a near-zero gradient entry into up to lr.
-        ("okd", dataclasses.replace(ADAPTER, divergence="jsd", divergence_params={"beta": 0.5}, learning_rate=1e-3), {}, True),
+        ("okd", dataclasses.replace(ADAPTER, divergence="same", learning_rate=1e-2), {}, True),
         ("okd", dataclasses.replace(ADAPTER, anchor_weight=0.5, teacher_mix=0.3), {}, False),
         ("kd", None, {"kd_ratio": 0.5, "temperature": 2.0}, True),
     ],
-    ids=["kd", "rkl", "jsd", "sft", "okd-adapter", "okd-module-jsd", "okd-anchor-mix", "kd-mixed-ce-T2"],
+    ids=["kd", "rkl", "jsd", "sft", "okd-adapter-jsd", "okd-module-same", "okd-anchor-mix", "kd-mixed-ce-T2"],
 )
 def test_positions_and_fused_equal_full_logits(tiny_setting, tmp_path, method, online, fields, fused_expected):
     full = run(tiny_setting, tmp_path, "full", method, online, **fields)
@@ -82,7 +83,7 @@ def test_positions_and_fused_equal_full_logits(tiny_setting, tmp_path, method, o
 
 
 def test_positions_equal_full_logits_for_lora_and_generated_sequences(tiny_setting, tmp_path):
-    lora = OnlineModuleConfig(kind="lora", update_every=1, learning_rate=1e-2, anchor_weight=0.2)
+    lora = OnlineModuleConfig(kind="lora", update_every=1, learning_rate=1e-3, anchor_weight=0.2)
     assert_same_run(run(tiny_setting, tmp_path / "a", "positions", "okd", lora), run(tiny_setting, tmp_path / "a", "full", "okd", lora))
     gkd = [run(tiny_setting, tmp_path / "b", mode, "gkd", steps=2, sampling=SamplingConfig(on_policy_ratio=1.0)) for mode in ("full", "fused")]
     assert gkd[1][0].heads == "fused"

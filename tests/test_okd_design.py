@@ -39,14 +39,14 @@ def test_every_variant_builds_a_valid_config(bench):
 
 
 def test_summary_means_and_stds_over_seeds(bench):
-    runs = [_run("kd", 0, 5.0), _run("kd", 1, 7.0), _run("okd", 0, 6.0, kl=0.1), _run("okd", 1, 6.0, kl=0.3)]
-    table = bench.summarise(runs, ["kd", "okd"])
+    runs = [_run("kd", 0, 5.0), _run("kd", 1, 7.0), _run("okd_kl", 0, 6.0, kl=0.1), _run("okd_kl", 1, 6.0, kl=0.3)]
+    table = bench.summarise(runs, ["kd", "okd_kl"])
     assert table["kd"]["validation_rouge_l_mean"] == 6.0
     assert table["kd"]["validation_rouge_l_std"] == pytest.approx(2**0.5)
     assert table["kd"]["train_seconds"] == 10.5
     assert "validation_teacher_kl_from_frozen_mean" not in table["kd"]
-    assert table["okd"]["validation_teacher_kl_from_frozen_mean"] == pytest.approx(0.2)
-    assert "test_rouge_l_mean" not in table["okd"]
+    assert table["okd_kl"]["validation_teacher_kl_from_frozen_mean"] == pytest.approx(0.2)
+    assert "test_rouge_l_mean" not in table["okd_kl"]
 
 
 def test_selection_uses_validation_never_test(bench):
@@ -75,18 +75,18 @@ def test_beats_only_beyond_the_seed_spread(bench):
 
 
 def test_tested_variants_are_baseline_default_and_selected(bench):
-    assert bench.tested_variants("okd_rkl", ["kd", "okd", "okd_rkl"]) == ["kd", "okd", "okd_rkl"]
-    assert bench.tested_variants("okd", ["kd", "okd", "okd_rkl"]) == ["kd", "okd"]
+    assert bench.tested_variants("okd_rkl", ["kd", "okd_kl", "okd_rkl"]) == ["kd", "okd_kl", "okd_rkl"]
+    assert bench.tested_variants("okd_kl", ["kd", "okd_kl", "okd_rkl"]) == ["kd", "okd_kl"]
 
 
 def test_report_writes_json_and_markdown(bench, tmp_path):
     runs = [_run("kd", s, 6.0 + s, test=5.0 + s) for s in (0, 1)]
-    runs += [_run("okd", s, 6.0, test=5.0, kl=0.1) for s in (0, 1)]
+    runs += [_run("okd_kl", s, 6.0, test=5.0, kl=0.1) for s in (0, 1)]
     runs += [_run("okd_rkl", s, 9.0 + s, test=8.0, kl=0.2) for s in (0, 1)]
     results = {
         "command": "python benchmarks/okd_design.py", "total_seconds": 120.0,
         "machine": {"cpu_count": 2, "torch": "x", "torch_threads": 1},
-        "settings": {"variants": ["kd", "okd", "okd_rkl"], "seeds": [0, 1], "teacher": "t", "student_size": "nano",
+        "settings": {"variants": ["kd", "okd_kl", "okd_rkl"], "seeds": [0, 1], "teacher": "t", "student_size": "nano",
                      "steps": 300, "eval_examples": 150, "max_new_tokens": 40},
         "runs": runs,
     }
@@ -102,3 +102,23 @@ def test_report_writes_json_and_markdown(bench, tmp_path):
     assert "On validation it beats kd beyond the seed spread" in md
     assert "On test, okd_rkl beats kd beyond the seed spread." in md
     assert "KL(q \\|\\| p_phi)" in md  # pipes in the design column are escaped for the table
+
+
+def test_the_selected_okd_jsd_is_the_okd_presets_default_and_okd_kl_the_former_one(bench):
+    """The study's choice became the preset's default: okd_jsd's module settings are OnlineModuleConfig()'s
+    (JSD at its default beta 0.5), and every other variant still starts from the former default
+    (online.divergence=same), so the study reproduces after the change."""
+    import dataclasses
+    import inspect
+
+    from okd.config import OnlineModuleConfig
+    from okd.divergences import generalized_jsd
+
+    method, online = bench.variant_configs("okd_jsd", 90)
+    assert method == {"name": "okd"}
+    chosen = OnlineModuleConfig(**online)
+    assert chosen.divergence_params == {"beta": inspect.signature(generalized_jsd).parameters["beta"].default}
+    assert dataclasses.replace(chosen, divergence_params=None) == OnlineModuleConfig()
+    assert bench.variant_configs("okd_kl", 90) == ({"name": "okd"}, {"divergence": "same"})
+    assert bench.variant_configs("okd_ce3", 90)[1] == {"divergence": "same", "ce_weight": 3.0}
+    assert bench.variant_configs("kd", 90) == ({"name": "kd"}, {})

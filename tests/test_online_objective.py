@@ -93,14 +93,27 @@ def test_module_loss_matches_float64_reference_values_and_gradients(name, anchor
 def test_same_is_the_methods_divergence_with_roles_swapped():
     student, teacher, frozen, targets = _inputs(1)
     for method, params in (("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.2})):
-        same = OnlineObjective(OnlineModuleConfig(), method, params)(student, teacher, None, targets, 1)
+        same = OnlineObjective(OnlineModuleConfig(divergence="same"), method, params)(student, teacher, None, targets, 1)
         named = OnlineObjective(OnlineModuleConfig(divergence=method, divergence_params=params or None), "tvd")(
             student, teacher, None, targets, 1
         )
         assert torch.equal(same.divergence, named.divergence), method
     # okd's preset (forward KL): "same" is KL(q || p_phi), the mass-covering direction.
-    same = OnlineObjective(OnlineModuleConfig(), "forward_kl", {})(student, teacher, None, targets, 1)
+    same = OnlineObjective(OnlineModuleConfig(divergence="same"), "forward_kl", {})(student, teacher, None, targets, 1)
     assert float(same.divergence) == pytest.approx(float(_masked_mean(_kl64(student, teacher), targets)), rel=1e-5)
+
+
+def test_the_default_module_divergence_is_the_generalized_jsd_with_beta_one_half():
+    """The design study's choice (docs/results/okd_design.md): D(q -> p_phi) = JSD_0.5, whatever the
+    method's own divergence, i.e. benchmarks/okd_design.py's okd_jsd variant."""
+    student, teacher, frozen, targets = _inputs(1)
+    default = OnlineObjective(OnlineModuleConfig(), "forward_kl", {})(student, teacher, None, targets, 1)
+    jsd = OnlineObjective(OnlineModuleConfig(divergence="jsd", divergence_params={"beta": 0.5}), "reverse_kl", {})(
+        student, teacher, None, targets, 1
+    )
+    assert torch.equal(default.divergence, jsd.divergence)
+    assert not torch.equal(default.divergence, OnlineObjective(OnlineModuleConfig(divergence="same"), "forward_kl", {})(
+        student, teacher, None, targets, 1).divergence)
 
 
 def test_anchor_schedule_constant_and_linear_decay():
@@ -205,6 +218,6 @@ def test_bad_online_options_name_the_field(field, value):
 
 def test_divergence_params_need_a_named_divergence_and_valid_values():
     with pytest.raises(ValueError, match="online.divergence_params"):
-        OnlineModuleConfig(divergence_params={"beta": 0.5})
+        OnlineModuleConfig(divergence="same", divergence_params={"beta": 0.5})
     with pytest.raises(ValueError, match="online.divergence.*beta"):
         OnlineObjective(OnlineModuleConfig(divergence="jsd", divergence_params={"beta": 2.0}), "forward_kl")

@@ -268,13 +268,15 @@ class OnlineModuleConfig:
     student_weight: float = 1.0
     """Weight of D(student.detach() -> teacher) in the module's loss: moves the teacher toward
     what the student can represent."""
-    divergence: str = "same"
+    divergence: str = "jsd"
     """D in the module's loss, with the detached student q as target and the adapted teacher p_phi
-    as learner: forward_kl is KL(q || p_phi), reverse_kl is KL(p_phi || q) (PromptKD), jsd the
-    generalized JSD (beta in `divergence_params`), or any other name of okd.divergences. same: the
-    method's divergence and parameters with the roles swapped (KL(q || p_phi) for the okd preset)."""
+    as learner: jsd (the default) the generalized JSD (beta 0.5 unless `divergence_params` says
+    otherwise), forward_kl KL(q || p_phi), reverse_kl KL(p_phi || q) (PromptKD), or any other name of
+    okd.divergences; same: the method's divergence and parameters with the roles swapped (KL(q || p_phi)
+    for the okd preset: the default until the design study, docs/results/okd_design.md, chose jsd,
+    which keeps the adapted teacher nearest the frozen one and scored best on validation)."""
     divergence_params: Optional[dict[str, float]] = None
-    """Parameters of `divergence` (not of same), e.g. {beta: 0.5} for jsd."""
+    """Parameters of `divergence` (not of same), e.g. {beta: 0.5} for jsd; empty: the divergence's own defaults."""
     anchor_weight: float = 0.0
     """Weight w of the anchor w * KL(p_0 || p_phi) in the module's loss, p_0 the frozen teacher:
     keeps the adapted teacher near the pretrained one. 0: no anchor. With kind=lora it costs a

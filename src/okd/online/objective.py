@@ -16,9 +16,10 @@ The module's loss on an update step ``t`` (of ``T = train.max_steps`` student st
 in the *teacher* slot and the adapted teacher in the *student* slot, so
 ``online.divergence=forward_kl`` is ``KL(q || p_phi)`` (mass-covering: p_phi spreads over everything
 q covers), ``reverse_kl`` is ``KL(p_phi || q)`` (mode-seeking, PromptKD's choice) and ``jsd`` is the
-generalized JSD with ``online.divergence_params={beta: ...}``. ``same`` (the default) is the method's
-own divergence and parameters, roles swapped: with the ``okd`` preset (forward KL) that is
-``KL(q || p_phi)``, okd's original design.
+generalized JSD with ``online.divergence_params={beta: ...}`` (the default, beta 0.5: the design
+study's choice, ``docs/results/okd_design.md``). ``same`` is the method's own divergence and
+parameters, roles swapped: with the ``okd`` preset (forward KL) that is ``KL(q || p_phi)``, okd's
+original design and its default until that study.
 
 The student learns from ``p_phi`` (``online.teacher_mix = 0``) or from the probability-space mixture
 ``(1 - m) p_phi + m p_0`` (:meth:`OnlineObjective.student_target`).
