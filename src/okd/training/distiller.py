@@ -1,4 +1,4 @@
-"""The training loop: one readable loop for every method.
+"""The training loop: one readable loop for every method (its forward and loss path: okd.training.forward).
 
 A method is three independent choices, and the loop shows each in one place:
 
@@ -48,9 +48,7 @@ from okd.config import (
     TrainConfig,
 )
 from okd.io import write_json, write_text
-from okd.fused import FusedLinearDistillationLoss, budget_chunk_tokens
-from okd.heads import apply_head, final_hidden_at, head_on_positions_supported, loss_positions
-from okd.losses import DistillationLoss, StepLosses, first_nonfinite, fused_step_losses, fused_unsupported
+from okd.losses import DistillationLoss, StepLosses, first_nonfinite
 from okd.minillm import MiniLLMConfig
 from okd.objectives import MiniLLMObjective
 from okd.online.objective import ModuleSchedule, module_updates_at
@@ -58,11 +56,12 @@ from okd.sources import SourceSetup, build_source
 from okd.teacher import Teacher
 
 from . import checkpoint as ckpt
-from .cached import cache_identity, cached_forward_losses, check_cache_config, open_teacher_cache
+from .cached import cache_identity, check_cache_config, open_teacher_cache
 from .distributed import (
     Processes, TokenCount, check_sharding_request, local_tokens, make_accelerator, peak_memory_mb, place_teacher, plain_norm,
     reshard_teacher, sharding, whole_state_dicts,
 )
+from .forward import LossPath, forward_losses
 from .setup import check_output_dir, clear_output_dir, load_datasets, load_models
 from .signals import StopOnSignal
 from .validation import validation_metrics
@@ -180,7 +179,7 @@ class Distiller:
             self.module_schedule = ModuleSchedule(self.online_config, self.schedule_horizon)
         self.loss_fn = DistillationLoss(self.method, self.online_config, train.divergence_chunk_tokens, self.schedule_horizon)
         self.minillm_loss = MiniLLMObjective(config.minillm) if self.method.objective == "minillm" else None
-        self.heads = self._choose_heads()  # "full" logits, loss "positions" only, or "fused" (okd.heads, okd.fused)
+        self.loss_path = LossPath.choose(self)  # "full" logits, loss "positions" only, or "fused" (okd.training.forward)
         self.step = 0
         self.train_seconds = 0.0  # of finished train() calls; ``elapsed()`` adds the running one
         self._running_since: float | None = None
@@ -251,96 +250,18 @@ class Distiller:
 
     def forward_losses(self, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
         """One forward of the student and the teacher on ``batch``, and the step's loss terms (with
-        graphs: the student's loss, and on update steps the online module's).
+        graphs: the student's loss, and on update steps the online module's): ``okd.training.forward``."""
+        return forward_losses(self, batch, update_module)
 
-        ``self.heads`` says where the output heads run: over every position (``full``), or only at
-        the N loss positions (``positions``: logits ``[N, V]``; ``fused``: hidden states ``[N, d]`` and
-        head weights go to ``okd.fused``, no logits tensor at all, for micro-batches whose logits would
-        exceed ``train.fused_min_logits_mib``; smaller ones take ``positions``). All give the same losses.
-        """
-        if self.teacher_cache is not None:  # the teacher's outputs come from disk (okd.training.cached)
-            return cached_forward_losses(self, batch, update_module)
-        if self.minillm_loss is not None:  # MiniLLM's policy-gradient objective (okd.objectives)
-            with self.accelerator.autocast():
-                return self.minillm_loss(self.student, self.teacher, batch)
-        ids, attention = batch["input_ids"], batch["attention_mask"]
-        objective = self.loss_fn.objective
-        # The frozen teacher: for the anchor / teacher_mix, and (free for the adapter) for the
-        # module's KL-from-frozen diagnostic on update steps.
-        need_frozen = objective is not None and objective.needs_frozen(update_module)
-        with self.accelerator.autocast():
-            if self.heads == "full":
-                student_logits = self.student(input_ids=ids, attention_mask=attention).logits
-                teacher_logits = frozen_logits = None
-                if self.teacher is not None:
-                    teacher_logits, frozen_logits = self.teacher.adapted_and_frozen(
-                        ids, attention, track_module_grad=update_module, need_frozen=need_frozen
-                    )
-                return self.loss_fn(student_logits, teacher_logits, batch["labels"], update_module, frozen_logits, self.step)
+    @property
+    def heads(self) -> str:
+        """Where the output heads run: ``full``, ``positions`` or ``fused`` (``okd.training.forward.LossPath``)."""
+        return self.loss_path.heads
 
-            rows, targets = loss_positions(batch["labels"])  # [N] flat positions, their next tokens
-            student_hidden = final_hidden_at(self.student, ids, attention, rows)  # [N, d_s]
-            student_head = self.accelerator.unwrap_model(self.student).get_output_embeddings()
-            teacher_hidden = frozen_hidden = None
-            if self.teacher is not None:
-                teacher_hidden, frozen_hidden = self.teacher.hidden_and_frozen(
-                    ids, attention, rows, track_module_grad=update_module, need_frozen=need_frozen
-                )
-            if self.heads == "fused" and self._fused_pays(rows.numel()):
-                teacher_head = self.teacher.head if self.teacher is not None else None
-                return fused_step_losses(self.fused_fn(
-                    student_hidden, student_head.weight, teacher_hidden, getattr(teacher_head, "weight", None),
-                    targets, student_bias=student_head.bias, teacher_bias=getattr(teacher_head, "bias", None),
-                    teacher_frozen_hidden=frozen_hidden, update_module=update_module,
-                ))
-            teacher_logits = apply_head(self.teacher.head, teacher_hidden) if self.teacher is not None else None
-            with torch.no_grad():
-                frozen_logits = apply_head(self.teacher.head, frozen_hidden) if frozen_hidden is not None else None
-            return self.loss_fn(
-                apply_head(student_head, student_hidden), teacher_logits, None, update_module, frozen_logits, self.step,
-                targets=targets,
-            )
-
-    def _fused_pays(self, positions: int) -> bool:
-        """Whether this micro-batch takes the fused loss: its ``positions`` loss positions' float32 logits
-        at the larger vocabulary would exceed ``train.fused_min_logits_mib`` (else the dense loss on
-        those positions, faster at that size). Counted in ``self.loss_path_batches``."""
-        fused = positions * self._logits_row_bytes > self.train_config.fused_min_logits_mib * 2**20
-        self.loss_path_batches["fused" if fused else "positions"] += 1
-        return fused
-
-    def _choose_heads(self) -> str:
-        """``full``, ``positions`` or ``fused`` for ``self.heads`` (the rule: ``train.loss_positions_only``,
-        ``train.fused_loss`` help; ``okd.heads``, ``okd.losses.fused_unsupported``)."""
-        train, student = self.train_config, self.accelerator.unwrap_model(self.student)
-        if self.teacher_cache is not None or self.minillm_loss is not None:
-            return "full"  # these compute their own losses (okd.training.cached, okd.objectives)
-        if self.sharding == "zero3":
-            # ZeRO-3 gathers a weight only inside its module's call; the fused loss reads the head weights directly.
-            train = dataclasses.replace(train, fused_loss=False)
-        if not train.loss_positions_only or not head_on_positions_supported(student) or (
-            self.teacher is not None and not self.teacher.supports_positions
-        ):
-            return "full"
-        if not train.fused_loss:
-            return "positions"
-        reason = fused_unsupported(self.method, self.online_config, student, self.teacher)
-        if reason is not None:
-            if self.accelerator.is_main_process and self.config.progress:
-                print(f"okd: train.fused_loss: dense loss instead ({reason})", file=sys.stderr)
-            return "positions"
-        chunk = train.fused_chunk_tokens if train.fused_chunk_tokens is not None else budget_chunk_tokens(student.config.hidden_size)
-        if chunk < 1:
-            raise ValueError(f"train.fused_chunk_tokens must be >= 1, got {train.fused_chunk_tokens}")
-        if not (math.isfinite(train.fused_min_logits_mib) and train.fused_min_logits_mib >= 0):
-            raise ValueError(f"train.fused_min_logits_mib must be a finite number >= 0, got {train.fused_min_logits_mib}")
-        vocab = student.get_output_embeddings().weight.shape[0]
-        if self.teacher is not None:
-            vocab = max(vocab, self.teacher.head.weight.shape[0])
-        self._logits_row_bytes = 4 * vocab  # one float32 logits row
-        self.loss_path_batches = {"fused": 0, "positions": 0}
-        self.fused_fn = FusedLinearDistillationLoss.from_method(self.method, self.online_config, chunk)
-        return "fused"
+    @property
+    def loss_path_batches(self) -> dict[str, int]:
+        """Micro-batches that took the fused loss / the dense loss on the loss positions (fused runs)."""
+        return self.loss_path.batches
 
     def _nonfinite(self, losses: StepLosses, term: str) -> StepLosses:
         """Skip (when allowed) or stop on a non-finite loss term or gradient."""
