@@ -390,6 +390,35 @@ def _pm(row: dict, key: str) -> str:
     return f"{row[f'{key}_mean']:.2f} +- {row[f'{key}_std']:.2f}"
 
 
+def okd_time_to_quality(table: dict, sgo: list[str]) -> dict | None:
+    """Issue 14's time to quality: the seconds OKD needs to reach the best sampling method's final
+    ROUGE-L, over that method's seconds (the paper claims up to 4x less, i.e. a ratio down to 0.25).
+
+    Read off the mean curves over seeds (test ROUGE-L at the evaluation steps, the only split scored
+    during training), interpolating linearly between evaluation points; seconds are training + setup
+    (OKD's setup added to its curve). None without OKD or a sampling method; ``okd_seconds`` / ``ratio``
+    are None when OKD's curve never reaches the target."""
+    if "okd" not in table or not sgo:
+        return None
+    best = max(sgo, key=lambda m: table[m]["rouge_l_mean"])
+    target = table[best]["rouge_l_mean"]
+    okd_seconds, previous = None, (0.0, 0.0)
+    for seconds, rouge in table["okd"]["mean_curve"]:
+        if rouge >= target:
+            t0, r0 = previous
+            okd_seconds = t0 + (seconds - t0) * (target - r0) / (rouge - r0) if rouge > r0 else seconds
+            break
+        previous = (seconds, rouge)
+    if okd_seconds is not None:
+        okd_seconds += table["okd"]["setup_seconds"]
+    best_seconds = table[best]["train_seconds"] + table[best]["setup_seconds"]
+    return {
+        "method": best, "target_rouge_l": target, "okd_seconds": okd_seconds, "method_seconds": best_seconds,
+        "ratio": None if okd_seconds is None else okd_seconds / best_seconds,
+        "okd_final_rouge_l": table["okd"]["rouge_l_mean"],
+    }
+
+
 def report(results: dict, methods: list[str], out: Path) -> None:
     """Summaries, ``results.json``, ``results.md`` and the figures, from the runs in ``results``."""
     machine = results["machine"]
@@ -428,6 +457,13 @@ def report(results: dict, methods: list[str], out: Path) -> None:
             entry["generated_output_methods_over_okd_seconds"] = ratios
             lines += ["Training + setup seconds of each generated-output method / OKD's: "
                       + ", ".join(f"{m} {r:.2f}x" for m, r in ratios.items()), ""]
+            quality = entry["okd_time_to_quality"] = okd_time_to_quality(table, sgo)
+            if quality["ratio"] is not None:
+                lines += [f"Time to quality: OKD reaches {quality['method']}'s final {quality['target_rouge_l']:.2f} after "
+                          f"{quality['okd_seconds']:.0f} s, {quality['ratio']:.2f}x {quality['method']}'s {quality['method_seconds']:.0f} s.", ""]
+            else:
+                lines += [f"Time to quality: OKD does not reach {quality['method']}'s final {quality['target_rouge_l']:.2f} "
+                          f"(OKD's final: {quality['okd_final_rouge_l']:.2f}).", ""]
         lines += _okd_selection(table, entry)
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text("\n".join(lines) + "\n")

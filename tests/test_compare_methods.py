@@ -152,3 +152,23 @@ def test_a_narrower_rerun_keeps_the_runs_it_does_not_visit(bench):
     assert [r["method"] for r in results["sizes"]["10l"]["runs"]] == ["kd"]
     assert [r["method"] for r in results["sizes"]["4l"]["runs"]] == ["kd"]
     assert reported == ["okd", "gkd", "kd"] and results["settings"]["methods"] == "okd,gkd,kd"
+
+
+def test_okd_time_to_quality_interpolates_the_mean_curve(bench):
+    """OKD's seconds to the best sampling method's final ROUGE-L (linear between evaluation points,
+    setup added) over that method's seconds; None when OKD's curve never gets there."""
+    table = {
+        "okd": {"rouge_l_mean": 8.0, "setup_seconds": 2.0, "mean_curve": [(10.0, 4.0), (20.0, 8.0)]},
+        "gkd": {"rouge_l_mean": 6.0, "train_seconds": 40.0, "setup_seconds": 0.0},
+        "seqkd": {"rouge_l_mean": 3.0, "train_seconds": 5.0, "setup_seconds": 1.0},
+    }
+    quality = bench.okd_time_to_quality(table, ["gkd", "seqkd"])
+    assert quality["method"] == "gkd" and quality["target_rouge_l"] == 6.0
+    assert quality["okd_seconds"] == pytest.approx(15.0 + 2.0)  # halfway from 4 to 8 between 10 s and 20 s
+    assert quality["ratio"] == pytest.approx(17.0 / 40.0)
+    table["gkd"]["rouge_l_mean"] = 9.0
+    assert bench.okd_time_to_quality(table, ["gkd"])["ratio"] is None
+    # Reached at the first evaluation: interpolated from (0 s, 0).
+    table["gkd"]["rouge_l_mean"] = 2.0
+    assert bench.okd_time_to_quality(table, ["gkd"])["okd_seconds"] == pytest.approx(5.0 + 2.0)
+    assert bench.okd_time_to_quality(table, []) is None
