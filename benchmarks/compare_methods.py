@@ -9,7 +9,8 @@ Two tiers. ``toy`` (default): the toy demo's from-scratch teacher (``okd demo --
 ``--demo-dir``, default ``runs/demo-toy``) and from-scratch students of the named ``--student-sizes``.
 ``real``: the real demo's teacher (SmolLM2-135M-Instruct fine-tuned on the task by ``okd demo``, in
 ``--demo-dir``, default ``runs/demo``) and pretrained students made from it by keeping the given numbers
-of its layers (``--students 10,4``; ``okd.pretrained.shrink``), prompts in its chat template.
+of its layers (``--students 10,4``; ``okd.pretrained.shrink``; ``10ends``: its first 5 and last 5 layers
+instead of 10 evenly spaced ones), prompts in its chat template.
 
 Each (student, method, seed) run trains in segments of ``--eval-every`` steps; after each segment the
 student is scored (ROUGE-L, sampling with the run's seed) on the first ``--eval-examples`` test
@@ -98,10 +99,28 @@ def run_label(size: str, method: str, seed: int) -> str:
 
 
 def real_students(demo: Path, layers: list[str], out: Path) -> dict[str, str]:
-    """``{"10l": directory, ...}``: pretrained students shrunk from the real demo's teacher (made once)."""
+    """``{"10l": directory, ...}``: pretrained students shrunk from the real demo's teacher (made once).
+
+    ``N`` keeps N evenly spaced layers, the first and the last among them (``okd model shrink --layers N``,
+    student ``Nl``); ``Nends`` keeps the first ceil(N/2) and the last floor(N/2) layers (student
+    ``Nends``), the first-and-last-heavy choice of depth-pruning work that keeps the layers nearest the
+    embeddings and the head."""
+    from transformers import AutoConfig
+
     from okd.pretrained import shrink
 
-    return {f"{n}l": str(shrink(str(demo / "teacher"), str(out / "students" / f"student-{n}l"), layers=int(n))) for n in layers}
+    depth = AutoConfig.from_pretrained(str(demo / "teacher"), local_files_only=True).get_text_config().num_hidden_layers
+    students = {}
+    for spec in layers:
+        if spec.endswith("ends"):
+            n = int(spec[: -len("ends")])
+            if not 2 <= n <= depth:
+                sys.exit(f"--students {spec}: needs 2 to {depth} layers")
+            keep = list(range((n + 1) // 2)) + list(range(depth - n // 2, depth))
+            students[spec] = str(shrink(str(demo / "teacher"), str(out / "students" / f"student-{spec}"), keep=",".join(map(str, keep))))
+        else:
+            students[f"{spec}l"] = str(shrink(str(demo / "teacher"), str(out / "students" / f"student-{spec}l"), layers=int(spec)))
+    return students
 
 
 def run_one(method: str, size: str, seed: int, args, demo: Path, eval_sets, workdir: Path, students: dict | None = None) -> dict:

@@ -172,3 +172,23 @@ def test_okd_time_to_quality_interpolates_the_mean_curve(bench):
     table["gkd"]["rouge_l_mean"] = 2.0
     assert bench.okd_time_to_quality(table, ["gkd"])["okd_seconds"] == pytest.approx(5.0 + 2.0)
     assert bench.okd_time_to_quality(table, []) is None
+
+
+def test_real_students_evenly_spaced_and_ends(bench, tmp_path):
+    """``--students 3,4ends`` on the real tier: 3 evenly spaced layers of the teacher (first and last
+    among them) and its first 2 + last 2 layers; a count the teacher cannot give stops the grid."""
+    from okd.models import build_model, save_pretrained_atomic, train_tokenizer
+    from okd.pretrained import MANIFEST
+
+    tokenizer = train_tokenizer(["the cat sat on the mat.", "a dog ran under the big tree."] * 20, vocab_size=300)
+    teacher = build_model("llama", "small", len(tokenizer), 32, seed=0, pad_token_id=tokenizer.pad_token_id)
+    depth = teacher.config.num_hidden_layers
+    assert depth >= 4
+    save_pretrained_atomic(teacher, tokenizer, tmp_path / "demo" / "teacher")
+    students = bench.real_students(tmp_path / "demo", ["3", "4ends"], tmp_path / "out")
+    assert list(students) == ["3l", "4ends"]
+    kept = {name: json.loads((Path(d) / MANIFEST).read_text())["keep"] for name, d in students.items()}
+    assert kept["4ends"] == [0, 1, depth - 2, depth - 1]
+    assert kept["3l"][0] == 0 and kept["3l"][-1] == depth - 1 and len(kept["3l"]) == 3
+    with pytest.raises(SystemExit, match="1ends: needs 2"):
+        bench.real_students(tmp_path / "demo", ["1ends"], tmp_path / "out")
