@@ -489,6 +489,33 @@ def report(results: dict, methods: list[str], out: Path) -> None:
     print("\n".join(lines))
 
 
+def _okd_variant_table(variants: dict, kd: dict, runs: list[dict]) -> list[str]:
+    """The OKD variants beside KD: validation and test ROUGE-L, and what each module did to the teacher
+    (the adapted teacher's validation CE and top-1 accuracy, its KL from the frozen teacher), mean +- std."""
+    def metric(method: str, key: str) -> str:
+        values = [r["validation"][key] for r in runs if r["method"] == method and key in r.get("validation", {})]
+        if not values:
+            return "-"
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} +- {std:.3f}"
+
+    frozen = [r["validation"]["validation_frozen_teacher_ce"] for r in runs if "validation_frozen_teacher_ce" in r.get("validation", {})]
+    lines = [
+        "| method | seeds | validation ROUGE-L | test ROUGE-L | adapted teacher val CE | its top-1 accuracy | KL(p_0 \\|\\| p_phi) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        f"| kd | {len(kd['seeds'])} | {_pm(kd, 'validation_rouge_l')} | {_pm(kd, 'rouge_l')} | - | - | - |",
+    ]
+    for method, row in variants.items():
+        lines.append(
+            f"| {method} | {len(row['seeds'])} | {_pm(row, 'validation_rouge_l')} | {_pm(row, 'rouge_l')} "
+            f"| {metric(method, 'validation_teacher_ce')} | {metric(method, 'validation_teacher_accuracy')} "
+            f"| {metric(method, 'validation_teacher_kl_from_frozen')} |"
+        )
+    if frozen:
+        lines.append(f"\nThe frozen teacher's validation CE: {statistics.mean(frozen):.3f}.")
+    return lines + [""]
+
+
 def _okd_selection(table: dict, entry: dict) -> list[str]:
     """When OKD design variants ran: the one selected on *validation* ROUGE-L, and whether it beats KD
     beyond the seed spread on validation and on test (okd_design.py's rules)."""
@@ -501,7 +528,7 @@ def _okd_selection(table: dict, entry: dict) -> list[str]:
     on_validation = beats(variants[selected], table["kd"])
     on_test = beats(variants[selected], table["kd"], "rouge_l")  # the table's test ROUGE-L: rouge_l_mean / _std
     entry["okd_selected"] = {"variant": selected, "beats_kd_validation": on_validation, "beats_kd_test": on_test}
-    return [
+    return _okd_variant_table(variants, table["kd"], entry["runs"]) + [
         f"OKD design selected on validation ROUGE-L among {', '.join(variants)}: **{selected}** "
         f"({_pm(variants[selected], 'validation_rouge_l')} vs kd {_pm(table['kd'], 'validation_rouge_l')}); on validation it "
         f"{_verdict(on_validation, 'kd')}; on test it {_verdict(on_test, 'kd')}.",

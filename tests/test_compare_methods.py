@@ -94,6 +94,25 @@ def test_okd_variants_are_selected_on_validation_not_test(bench, tmp_path):
     assert "**okd_b**" in (tmp_path / "results.md").read_text()
 
 
+def test_okd_variant_table_shows_what_each_module_did_to_the_teacher(bench, tmp_path):
+    runs = [_run("kd", s, [(1.0, 5.0)], validation=5.0) for s in (0, 1)]
+    for s, (ce, kl) in enumerate([(2.4, 0.04), (2.6, 0.06)]):
+        run = _run("okd_a", s, [(1.0, 6.0)], validation=7.0)
+        run["validation"] = {"validation_teacher_ce": ce, "validation_teacher_accuracy": 0.5,
+                             "validation_teacher_kl_from_frozen": kl, "validation_frozen_teacher_ce": 2.55}
+        runs.append(run)
+    runs += [_run("okd_b", s, [(1.0, 6.0)], validation=6.0) for s in (0, 1)]
+    results = {
+        "command": "c", "total_seconds": 1.0, "machine": {"cpu_count": 2, "torch": "x"},
+        "settings": {"methods": "kd,okd_a,okd_b"}, "sizes": {"nano": {"runs": runs}},
+    }
+    bench.report(results, ["kd", "okd_a", "okd_b"], tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| okd_a | 2 | 7.00 +- 0.00 | 6.00 +- 0.00 | 2.500 +- 0.141 | 0.500 +- 0.000 | 0.050 +- 0.014 |" in md
+    assert "| okd_b | 2 | 6.00 +- 0.00 | 6.00 +- 0.00 | - | - | - |" in md
+    assert "The frozen teacher's validation CE: 2.550." in md
+
+
 def test_an_interrupted_grid_reports_the_methods_it_has(bench, tmp_path):
     runs = [_run("kd", 0, [(1.0, 5.0)])]
     results = {"command": "c", "total_seconds": 1.0, "machine": {"cpu_count": 2, "torch": "x"},
