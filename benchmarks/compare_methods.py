@@ -266,8 +266,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 methods, 1 student, 2 seeds, 20 steps")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and figures from <out>/results.json")
     parser.add_argument("--merge-from", default=None,
-                        help="with --report-only: comma-separated other --out directories (grids of other students run as "
-                        "separate processes) whose students are added to <out>'s results")
+                        help="with --report-only: comma-separated other --out directories (grids of other students, "
+                        "methods or seeds run as separate processes) whose runs are added to <out>'s results")
     args = parser.parse_args()
     args.demo_dir = args.demo_dir or TIERS[args.tier]["demo_dir"]
     args.students = args.students or TIERS[args.tier]["students"]
@@ -345,22 +345,28 @@ def main() -> None:
 
 
 def merge_results(results: dict, other: dict, name: str = "other") -> dict:
-    """``results`` with the students of ``other`` (another process's grid, same settings) added; the
-    commands are kept side by side and the wall-clock seconds summed (the processes may have overlapped)."""
+    """``results`` with the runs of ``other`` (another process's grid, same settings: other students, or
+    other methods or seeds of the same ones) added; a run in both stops the merge. The commands are kept
+    side by side and the wall-clock seconds summed (the processes may have overlapped)."""
     shaping = ("tier", "steps", "eval_every", "eval_examples", "max_new_tokens", "max_train_examples")
     changed = [k for k in shaping if results["settings"].get(k) != other["settings"].get(k)]
     if changed:
         sys.exit(f"{name} was written with other settings ({', '.join(changed)}): cannot merge")
-    clash = set(results["sizes"]) & set(other["sizes"])
+    keys = lambda grid: {(size, r["method"], r["seed"]) for size, entry in grid["sizes"].items() for r in entry["runs"]}  # noqa: E731
+    clash = keys(results) & keys(other)
     if clash:
-        sys.exit(f"{name} has students that are already in the results: {', '.join(sorted(clash))}")
+        shown = ", ".join(f"{size} {method} seed {seed}" for size, method, seed in sorted(clash)[:3])
+        sys.exit(f"{name} has runs that are already in the results: {shown}")
     methods = results["settings"]["methods"].split(",")
     methods += [m for m in other["settings"]["methods"].split(",") if m not in methods]
+    sizes = {size: {"runs": list(entry["runs"])} for size, entry in results["sizes"].items()}
+    for size, entry in other["sizes"].items():  # another student, or other methods / seeds of the same one
+        sizes.setdefault(size, {"runs": []})["runs"] += entry["runs"]
     return {
         **results,
         "command": f"{results['command']}` and `{other['command']}",
         "settings": {**results["settings"], "methods": ",".join(methods)},
-        "sizes": {**results["sizes"], **other["sizes"]},
+        "sizes": sizes,
         "total_seconds": results["total_seconds"] + other["total_seconds"],
     }
 

@@ -149,8 +149,13 @@ def test_merging_grids_of_other_students(bench, tmp_path):
     merged = bench.merge_results(a, b)
     assert list(merged["sizes"]) == ["10l", "4l"] and merged["settings"]["methods"] == "kd,okd,gkd"
     assert merged["total_seconds"] == 5.0
-    with pytest.raises(SystemExit, match="already in the results: 10l"):
+    with pytest.raises(SystemExit, match="already in the results: 10l kd seed 0"):
         bench.merge_results(a, a)
+    # Other methods of the same student (a grid run beside it) join that student's runs.
+    c = {**b, "sizes": {"10l": {"runs": [_run("okd_ce3", 0, [(1.0, 6.0)])]}}}
+    merged = bench.merge_results(a, c)
+    assert [r["method"] for r in merged["sizes"]["10l"]["runs"]] == ["kd", "okd_ce3"]
+    assert [r["method"] for r in a["sizes"]["10l"]["runs"]] == ["kd"]  # the inputs are left as they were
     with pytest.raises(SystemExit, match=r"other settings \(steps\)"):
         bench.merge_results(a, {**b, "settings": {**b["settings"], "steps": 11}})
 
