@@ -321,6 +321,8 @@ def main() -> None:
         "total_seconds": 0.0,
     }
     previous = _previous_runs(out, settings)
+    if previous and "relabelled" in json.loads((out / "results.json").read_text()):  # benchmarks/relabel_methods.py's record
+        results["relabelled"] = json.loads((out / "results.json").read_text())["relabelled"]
     reported = carry_over(results, previous, sizes, seeds, methods)
     started, before = time.perf_counter(), sum(r.get("wall_seconds", 0.0) for r in previous.values())
     # One student at a time (in --students order), and for it round robin over seeds: seed s of
@@ -362,8 +364,10 @@ def merge_results(results: dict, other: dict, name: str = "other") -> dict:
     sizes = {size: {"runs": list(entry["runs"])} for size, entry in results["sizes"].items()}
     for size, entry in other["sizes"].items():  # another student, or other methods / seeds of the same one
         sizes.setdefault(size, {"runs": []})["runs"] += entry["runs"]
+    relabelled = [*results.get("relabelled", []), *(e for e in other.get("relabelled", []) if e not in results.get("relabelled", []))]
     return {
         **results,
+        **({"relabelled": relabelled} if relabelled else {}),
         "command": f"{results['command']}` and `{other['command']}",
         "settings": {**results["settings"], "methods": ",".join(methods)},
         "sizes": sizes,
