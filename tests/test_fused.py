@@ -526,9 +526,11 @@ def test_module_divergence_from_the_online_config():
 
     method = resolve_method(MethodConfig(name="okd"))
     own = FusedLinearDistillationLoss.from_method(method, OnlineModuleConfig(divergence="jsd", divergence_params={"beta": 0.3}))
-    same = FusedLinearDistillationLoss.from_method(method, OnlineModuleConfig())
+    same = FusedLinearDistillationLoss.from_method(method, OnlineModuleConfig(divergence="same"))
     assert (own.module_divergence, own.module_divergence_params) == ("jsd", {"beta": 0.3})
     assert same.module_divergence is None
+    default = FusedLinearDistillationLoss.from_method(method, OnlineModuleConfig())  # the okd preset's: JSD
+    assert (default.module_divergence, default.module_divergence_params) == ("jsd", {})
     x = make_inputs()
     args = (x["h_s"], x["w_s"], x["h_t"], x["w_t"], x["targets"], x["mask"])
     a = own(*args, student_bias=x["b_s"], teacher_bias=x["b_t"], update_module=True)
