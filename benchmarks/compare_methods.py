@@ -321,8 +321,9 @@ def main() -> None:
         "total_seconds": 0.0,
     }
     previous = _previous_runs(out, settings)
-    if previous and "relabelled" in json.loads((out / "results.json").read_text()):  # benchmarks/relabel_methods.py's record
-        results["relabelled"] = json.loads((out / "results.json").read_text())["relabelled"]
+    relabelled = json.loads((out / "results.json").read_text()).get("relabelled") if previous else None
+    if relabelled:  # benchmarks/relabel_methods.py's record of renamed methods
+        results["relabelled"] = relabelled
     reported = carry_over(results, previous, sizes, seeds, methods)
     started, before = time.perf_counter(), sum(r.get("wall_seconds", 0.0) for r in previous.values())
     # One student at a time (in --students order), and for it round robin over seeds: seed s of

@@ -214,9 +214,8 @@ def variant_configs(name: str, steps: int) -> tuple[dict, dict]:
     """``(method fields, online fields)`` of a variant; "T/3" in a field means steps // 3."""
     _, method, online = VARIANTS[name]
     method = {"name": "okd", **method}
-    online = {k: (steps // 3 if v == "T/3" else v) for k, v in {**FORMER_DEFAULT_ONLINE, **online}.items()}
-    if method["name"] != "okd":  # the baseline: no online module
-        online = {}
+    base = FORMER_DEFAULT_ONLINE if method["name"] == "okd" else {}  # the baseline has no online module
+    online = {k: (steps // 3 if v == "T/3" else v) for k, v in {**base, **online}.items()}
     return method, online
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -413,6 +414,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.fused_min_logits_mib) and self.fused_min_logits_mib >= 0):
+            raise ValueError(f"train.fused_min_logits_mib must be a finite number >= 0, got {self.fused_min_logits_mib}")
 
 
 @dataclass
