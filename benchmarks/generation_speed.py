@@ -16,6 +16,10 @@ A sampling micro-benchmark (``torch.multinomial`` vs okd's inverse-CDF draw) and
    order vs sorted by length; okd backend, greedy, so that only the padding differs.
 4. ``static_and_compile``: HF ``generate`` with a static KV cache, and okd's loop with the model's
    forward under ``torch.compile(dynamic=True)`` (compile time reported apart from steady state).
+5. ``decode_loop``: okd's loop itself on one batch (8 prompts, 64 new tokens, T 0.9), in three
+   variants, alternating: the concatenating ``DynamicCache`` under ``no_grad`` (the loop before the
+   preallocated cache), the preallocated cache under ``no_grad``, and the preallocated cache under
+   ``inference_mode`` (today's); greedy tokens are checked equal across the three.
 
 Random models rarely emit EOS, so every row uses the whole budget: the numbers are per-token
 decoding cost, the case where the per-step overhead matters most.
@@ -163,6 +167,42 @@ def bench_static_and_compile(model, prompts, tokenizer, args) -> dict:
     return out
 
 
+def bench_decode_loop(model, prompts, tokenizer, args) -> dict:
+    from transformers import DynamicCache
+
+    from okd.data.instruction import collate_prompts
+
+    batch = collate_prompts(prompts, tokenizer.pad_token_id)
+    preallocated = okd.generation._preallocated_cache
+    variants = {  # name: (cache factory, grad-mode context)
+        "concatenating_no_grad": (lambda model, capacity: DynamicCache(config=model.config), torch.no_grad),
+        "preallocated_no_grad": (preallocated, torch.no_grad),
+        "preallocated_inference_mode": (preallocated, torch.inference_mode),
+    }
+
+    def run(name: str, sample: bool = True) -> torch.Tensor:
+        factory, context = variants[name]
+        okd.generation._preallocated_cache = factory
+        try:
+            with context():
+                return okd.generation._decode(
+                    model, batch["input_ids"], batch["attention_mask"], eos=set(), pad_token_id=tokenizer.pad_token_id,
+                    max_new_tokens=args.max_new_tokens, sample=sample, temperature=0.9, top_p=1.0,
+                ).clone()
+        finally:
+            okd.generation._preallocated_cache = preallocated
+
+    greedy = {name: run(name, sample=False) for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name in variants:
+            times[name] += clock(lambda: run(name), 1)
+    out = {f"{name}_seconds": med(t) for name, t in times.items()}
+    out["same_greedy_tokens"] = all(torch.equal(greedy["concatenating_no_grad"], g) for g in greedy.values())
+    out["today_over_concatenating"] = out["preallocated_inference_mode_seconds"] / out["concatenating_no_grad_seconds"]
+    return out
+
+
 def bench_gkd_step(teacher_dir, student_dir, tokenizer_dir, train_file, args) -> dict:
     from okd.config import DataConfig, MethodConfig, ModelConfig, SamplingConfig, TrainConfig
     from okd.training import Distiller
@@ -225,6 +265,8 @@ def tier_toy(args, workdir: Path) -> list[dict]:
         entry["static_and_compile"] = bench_static_and_compile(student, prompts[:8], tokenizer, args)
         args.no_compile = no_compile
         print(" static_and_compile", entry["static_and_compile"], flush=True)
+        entry["decode_loop"] = bench_decode_loop(student, prompts[:8], tokenizer, args)
+        print(" decode_loop", entry["decode_loop"], flush=True)
         entry["gkd_step"] = bench_gkd_step(dirs["teacher"], dirs["student"], tokenizer_dir, paths["train"], args)
         print(" gkd_step", entry["gkd_step"], flush=True)
         entries.append(entry)
@@ -246,6 +288,8 @@ def tier_real(args) -> list[dict]:
     print(" backend", entry["backend"], flush=True)
     entry["group_by_length"] = bench_grouping(student, prompts, tokenizer, args)
     print(" group_by_length", entry["group_by_length"], flush=True)
+    entry["decode_loop"] = bench_decode_loop(student, prompts[:8], tokenizer, args)
+    print(" decode_loop", entry["decode_loop"], flush=True)
     entry["gkd_step"] = bench_gkd_step(teacher_dir, student_dir, teacher_dir, paths["train"], args)
     print(" gkd_step", entry["gkd_step"], flush=True)
     return [entry]
@@ -285,6 +329,13 @@ def markdown(results: dict) -> str:
         f = lambda k: f"{s[k]:.3f}" if k in s else "n/a"  # noqa: E731
         lines.append(f"| {e['tier']} | {e['student']} | {f('hf_dynamic_cache_seconds')} | {f('hf_static_cache_seconds')} | {f('okd_eager_seconds')} | "
                      f"{f('okd_compiled_first_call_seconds')} | {f('okd_compiled_seconds')} |")
+    lines += ["", "| tier | student | okd loop (one batch of 8, T 0.9): concatenating cache, no_grad s | preallocated, no_grad s | "
+              "preallocated, inference_mode s (today) | today / concatenating | same greedy tokens |", "|---|---|---:|---:|---:|---:|---|"]
+    for e in results["entries"]:
+        d = e.get("decode_loop")
+        if d:
+            lines.append(f"| {e['tier']} | {e['student']} | {d['concatenating_no_grad_seconds']:.3f} | {d['preallocated_no_grad_seconds']:.3f} | "
+                         f"{d['preallocated_inference_mode_seconds']:.3f} | {d['today_over_concatenating']:.2f} | {d['same_greedy_tokens']} |")
     return "\n".join(lines) + "\n"
 
 

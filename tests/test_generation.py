@@ -124,3 +124,48 @@ def test_backend_rule():
     with pytest.raises(ValueError, match="backend must be"):
         resolve_backend(EncoderDecoder(), "fast")
     assert resolve_backend(build_model("llama", "nano", vocab_size=VOCAB, max_positions=16)) == "okd"
+
+
+def test_preallocated_cache_layer_returns_what_the_dynamic_layer_returns_also_past_its_capacity():
+    from transformers.cache_utils import DynamicLayer
+
+    from okd.generation import _PreallocatedLayer
+
+    torch.manual_seed(0)
+    ours, theirs = _PreallocatedLayer(capacity=5), DynamicLayer()
+    for length in (3, 1, 1, 2, 4):  # a prompt, then tokens, then writes past the 5 positions (the buffers grow)
+        k, v = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)
+        got, expected = ours.update(k, v), theirs.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert ours.get_seq_length() == theirs.get_seq_length()
+    assert ours._keys.shape[-2] >= 11
+
+
+def test_preallocated_cache_replaces_only_full_attention_layers():
+    from transformers import LlamaConfig
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from okd.generation import _PreallocatedLayer, _preallocated_cache
+
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=VOCAB)
+    model = build_model("llama", "nano", vocab_size=VOCAB, max_positions=16)
+    assert all(isinstance(layer, _PreallocatedLayer) for layer in _preallocated_cache(model, 20).layers)
+    config.sliding_window, config.layer_types = 4, ["sliding_attention", "full_attention", "sliding_attention"]
+
+    class Windowed:
+        pass
+
+    windowed = Windowed()
+    windowed.config = config
+    kinds = [type(layer) for layer in _preallocated_cache(windowed, 20).layers]
+    assert kinds == [DynamicSlidingWindowLayer, _PreallocatedLayer, DynamicSlidingWindowLayer]
+
+
+def test_generated_tokens_can_be_trained_on():
+    # Generation runs under torch.inference_mode: what it returns must be usable in a training step.
+    model = build_model("llama", "nano", vocab_size=VOCAB, max_positions=64).train()
+    responses = generate_batched(model, PROMPTS, pad_token_id=0, eos_token_id=None, max_new_tokens=4, seed=0)
+    assert model.training
+    ids = torch.tensor([PROMPTS[0] + responses[0]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None

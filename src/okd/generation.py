@@ -4,7 +4,7 @@ Used by the generation-based sources (SeqKD's cache, on-policy, DistiLLM's repla
 by analysis. Two pieces:
 
 * ``generate_batched``: one response per prompt, in batches of left-padded prompts, with the KV
-  cache (okd's own decoding loop, or Hugging Face ``generate`` as the fallback: ``resolve_backend``), under ``torch.no_grad()`` and in eval mode; each response is cut right AFTER its first EOS
+  cache (okd's own decoding loop, or Hugging Face ``generate`` as the fallback: ``resolve_backend``), under ``torch.inference_mode()`` and in eval mode; each response is cut right AFTER its first EOS
   (the EOS is kept: it is a token the student must learn to emit).
 * ``isolated_rng(seed)``: within the block, the CPU generator and every accelerator generator (all
   CUDA devices, MPS, XPU) start from ``seed``; on exit all of them are back where they were, so the
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 __all__ = ["BACKENDS", "cut_after_eos", "generate_batched", "generation_budget", "isolated_rng", "resolve_backend"]
 
@@ -151,6 +153,59 @@ def _sample(scores: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=scores.shape[-1] - 1)
 
 
+class _PreallocatedLayer(DynamicLayer):
+    """A full-attention KV cache layer over one ``[batch, kv heads, capacity, head dim]`` buffer each for
+    keys and values: an update writes the new states in place and returns the filled part as a view,
+    the same values ``DynamicLayer`` returns, without copying what is already cached.
+
+    ``DynamicLayer.update`` concatenates the new states onto the whole cache at every step, so
+    decoding ``n`` tokens copies the cache ``n`` times (the ``decode_loop`` table of
+    benchmarks/results/generation_speed.md measures the difference). A write past ``capacity``
+    (``_decode`` sizes it, so never there) grows the buffers by doubling.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._keys = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1])
+        self._values = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:
+            self._keys, self._values = (_grown(buffer, max(end, 2 * buffer.shape[-2])) for buffer in (self._keys, self._values))
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def _grown(buffer: torch.Tensor, length: int) -> torch.Tensor:
+    extra = buffer.new_empty(*buffer.shape[:2], length - buffer.shape[-2], buffer.shape[-1])
+    return torch.cat([buffer, extra], dim=-2)
+
+
+def _preallocated_cache(model, capacity: int) -> DynamicCache:
+    """``DynamicCache(config=model.config)`` with every full-attention layer a ``_PreallocatedLayer`` of
+    ``capacity`` positions; layers of other kinds (sliding window, linear attention) keep their class."""
+    cache = DynamicCache(config=model.config)
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            cache.layers[index] = _PreallocatedLayer(capacity)
+    return cache
+
+
 def _decode(model, input_ids, attention_mask, *, eos, pad_token_id, max_new_tokens, sample, temperature, top_p):
     """okd's KV-cached decoding loop: ``[batch, new tokens]`` ids, rows past their EOS filled with pad.
 
@@ -165,10 +220,8 @@ def _decode(model, input_ids, attention_mask, *, eos, pad_token_id, max_new_toke
     machinery (logits-processor and stopping-criteria lists, kwargs preparation, generation-config
     merging: the model's ``generation_config`` sampling defaults are NOT applied, okd passes its own).
     """
-    from transformers import DynamicCache
-
     cache_name = _cache_argument(model)
-    cache = DynamicCache(config=model.config)
+    cache = _preallocated_cache(model, input_ids.shape[1] + max_new_tokens)
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     mask = None if bool(attention_mask.all()) else attention_mask
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -208,7 +261,10 @@ def _generate_one_batch(model, prompts, *, pad_token_id, eos_token_id, max_new_t
     sample = do_sample and temperature > 0
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_token_id).items()}
-    with torch.no_grad():
+    # inference_mode, not no_grad: no autograd bookkeeping at all (version counters, view tracking) for
+    # the hundreds of small ops per token (measured in generation_speed.md's decode_loop). Nothing created here
+    # leaves the block as a tensor: the responses are returned as lists.
+    with torch.inference_mode():
         if backend == "okd":
             generated = _decode(
                 model, batch["input_ids"], batch["attention_mask"], eos=_eos_set(eos_token_id), pad_token_id=pad_token_id,
