@@ -4,6 +4,7 @@ Usage:
     python benchmarks/vs_trl.py              # full run (a few minutes on 2 CPU cores)
     python benchmarks/vs_trl.py --quick      # smoke test
     python benchmarks/vs_trl.py --device cuda --sizes medium:small,large:medium
+    python benchmarks/vs_trl.py --sizes "" --real --steps 3 --rounds 1   # the real tier only
 
 Needs the optional extra: ``pip install -c constraints-cpu.txt -e '.[compare]'``.
 
@@ -12,6 +13,9 @@ once and loaded by both), the tokenizer, the built-in training examples (already
 the same collation: right-padded sequences plus left-padded prompts), batch size, AdamW learning rate,
 generalized JSD with beta 0.5 at loss temperature 1, sampling at temperature 0.9 with top-p 1 and
 top-k off, the same fixed number of new tokens, fp32, dropout off, one process, the same torch threads.
+With ``--real`` also the real tier: SmolLM2-135M-Instruct (converted from the installed package) as the
+teacher and a 10-layer student shrunk from it (``okd.pretrained``), with SmolLM2's tokenizer and chat
+template.
 
 GKD flips a coin per step (probability lambda of a student-generated batch), and the two libraries
 flip different coins, so a run at lambda 0.5 compares different numbers of generating steps. The
@@ -54,7 +58,7 @@ import torch  # noqa: E402
 
 from okd.config import DataConfig, MethodConfig, ModelConfig, SamplingConfig, TrainConfig  # noqa: E402
 from okd.data import Collator, InstructionDataset, collate_prompts, read_jsonl  # noqa: E402
-from _cache import builtin_data_and_tokenizer  # noqa: E402
+from _cache import CACHE, builtin_data_and_tokenizer  # noqa: E402
 
 from okd.evaluation import write_json_atomic  # noqa: E402
 from okd.models import build_model, count_parameters, load_tokenizer, save_pretrained_atomic  # noqa: E402
@@ -127,7 +131,7 @@ def time_trl(setting: dict, lmbda: float, args, workdir: Path, trl_classes, chec
     from datasets import Dataset
 
     # The same tokenized examples okd trains on (SFTTrainer insists on a `datasets.Dataset`).
-    examples = InstructionDataset(read_jsonl(setting["train"]), tokenizer, args.max_length)
+    examples = InstructionDataset(read_jsonl(setting["train"], tokenizer), tokenizer, args.max_length)  # chat template as okd
     dataset = Dataset.from_list(
         [{k: examples[i][k] for k in ("input_ids", "labels", "prompt_ids")} for i in range(len(examples))]
     )
@@ -183,6 +187,32 @@ def time_trl(setting: dict, lmbda: float, args, workdir: Path, trl_classes, chec
     return [b - a for a, b in zip(ends, ends[1:])][args.warmup :]
 
 
+def toy_setting(teacher_size: str, student_size: str, args, workdir: Path, train_file: str, tokenizer_dir, tokenizer) -> tuple[dict, dict]:
+    """Randomly initialised Llama-style teacher and student of the given toy sizes, saved under ``workdir``."""
+    setting = {"train": train_file, "tokenizer": str(tokenizer_dir)}
+    entry = {"teacher_size": teacher_size, "student_size": student_size}
+    for role, size in (("teacher", teacher_size), ("student", student_size)):
+        torch.manual_seed(args.seed)
+        model = build_model("llama", size, vocab_size=len(tokenizer), max_positions=args.max_length)
+        setting[role] = str(workdir / role)
+        save_pretrained_atomic(model, tokenizer, workdir / role)
+        entry[f"{role}_parameters"] = count_parameters(model)
+    return setting, entry
+
+
+def real_setting(train_file: str) -> tuple[dict, dict]:
+    """SmolLM2-135M-Instruct and a 10-of-30-layer student shrunk from it (cached under benchmarks/results/.cache)."""
+    from okd.models import load_model
+    from okd.pretrained import convert, shrink
+
+    teacher_dir = convert("smollm2", str(CACHE / "smollm2-135m"))  # the directories step_time_real.py uses
+    student_dir = shrink(str(teacher_dir), str(CACHE / "smollm2-135m-10layers"), layers=10)
+    entry = {"teacher_size": "SmolLM2-135M", "student_size": "SmolLM2 10 layers"}
+    for role, path in (("teacher", teacher_dir), ("student", student_dir)):
+        entry[f"{role}_parameters"] = count_parameters(load_model(str(path)))
+    return {"train": train_file, "tokenizer": str(teacher_dir), "teacher": str(teacher_dir), "student": str(student_dir)}, entry
+
+
 def summary(times: list[float]) -> dict:
     return {"median_seconds": statistics.median(times), "mean_seconds": statistics.mean(times), "steps": len(times)}
 
@@ -205,6 +235,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a remark printed under the table (e.g. the machine's load)")
     parser.add_argument("--skip-trl-defaults", action="store_true", help="time TRL with equal settings only (saves a third)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps")
+    parser.add_argument("--real", action="store_true", help="also the real tier (SmolLM2-135M -> 10 of its layers)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,16 +262,13 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for pair in args.sizes.split(","):
-            teacher_size, student_size = pair.split(":")
-            setting = {"train": str(paths["train"]), "tokenizer": str(tokenizer_dir)}
-            entry = {"teacher_size": teacher_size, "student_size": student_size}
-            for role, size in (("teacher", teacher_size), ("student", student_size)):
-                torch.manual_seed(args.seed)
-                model = build_model("llama", size, vocab_size=len(tokenizer), max_positions=args.max_length)
-                setting[role] = str(workdir / role)
-                save_pretrained_atomic(model, tokenizer, workdir / role)
-                entry[f"{role}_parameters"] = count_parameters(model)
+        pairs = [pair.split(":") for pair in args.sizes.split(",") if pair] + ([["real", "real"]] if args.real else [])
+        for teacher_size, student_size in pairs:
+            if teacher_size == "real":
+                setting, entry = real_setting(str(paths["train"]))
+            else:
+                setting, entry = toy_setting(teacher_size, student_size, args, workdir, str(paths["train"]), tokenizer_dir, tokenizer)
+            pair = f"{entry['teacher_size']}:{entry['student_size']}"
             impls = [impl for impl in IMPLEMENTATIONS if impl != "trl_defaults" or not args.skip_trl_defaults]
             times = {(impl, lmbda): [] for impl in impls for lmbda in (0.0, 1.0)}
             for _ in range(args.rounds):
