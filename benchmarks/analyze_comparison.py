@@ -46,7 +46,7 @@ COLUMNS = [
     ("rho@50", lambda e: e["metrics"]["spearman_top50"]),
     ("NLL", lambda e: e["metrics"]["student_nll"]),
     ("ECE", lambda e: e["metrics"]["student_ece"]),
-    ("ExAccErr@40 %", lambda e: e["exposure_bias"]["ex_acc_err_percent"][-1]),
+    ("ExAccErr@{l} %", lambda e: e["exposure_bias"]["ex_acc_err_percent"][-1]),  # {l}: the last step, --max-new-tokens
     ("free-run ROUGE-L", lambda e: e["exposure_bias"]["rouge_l"]),
     ("greedy ROUGE-L", lambda e: e["greedy_rouge_l"]),
 ]
@@ -67,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    columns = [(title.format(l=args.max_new_tokens), get) for title, get in COLUMNS]
     students, names = [], []
     for method in methods:
         for seed in seeds:
@@ -97,7 +98,7 @@ def main() -> None:
     for method in methods:
         entries = [result["students"][f"{method}-{seed}"] for seed in seeds]
         by_method[method] = {}
-        for title, get in COLUMNS:
+        for title, get in columns:
             values = [get(e) for e in entries]
             by_method[method][title] = {
                 "mean": statistics.mean(values),
@@ -119,8 +120,8 @@ def main() -> None:
         f"{args.exposure_examples} prompts, {args.max_new_tokens} sampled tokens. Mean +- std over seeds {args.seeds}; the plots in "
         f"`{out.name}/` show seed {seeds[0]}.",
         "",
-        "| method | " + " | ".join(title for title, _ in COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
+        "| method | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for method in methods:
         cells = [f"{v['mean']:.3f} +- {v['std']:.3f}" if abs(v["mean"]) < 10 else f"{v['mean']:.1f} +- {v['std']:.1f}"
