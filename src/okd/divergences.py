@@ -122,7 +122,8 @@ def align_vocab(teacher_logits: Tensor, student_vocab_size: int) -> Tensor:
 #
 # Each takes temperature-scaled float32 logits t (teacher) and s (student) of shape [n, V] and returns
 # the per-token divergence, shape [n]. They are ordinary differentiable torch code: the chunked driver
-# below differentiates them with torch.autograd.grad, one chunk at a time.
+# below differentiates them with torch.autograd.grad, one chunk at a time, unless the divergence has a
+# closed-form gradient (_CLOSED_FORMS, below).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -202,6 +203,69 @@ def _jsd_tokens(t: Tensor, s: Tensor, *, beta: float, scaled: bool) -> Tensor:
     if scaled:
         jsd = jsd / (beta * (1.0 - beta))
     return jsd
+
+
+# Closed-form gradients. For the divergences used most (forward KL: `kd` and the OKD student loss;
+# reverse KL; the generalized JSD: `gkd` and the OKD module's default) the chunked driver skips autograd:
+# each function below returns the per-token values and the gradients of their sum w.r.t. the
+# (temperature-scaled) logits in a few tensor passes, where autograd's backward through the same graph
+# takes several times more (benchmarks/results/divergence_speed.md measures both). Both routes are
+# tested to agree with the float64 references (tests/test_divergences.py).
+#
+# With p = softmax(t), q = softmax(s), for any per-token value f(p, q): d f / d s = q * (g - sum(q * g))
+# where g = d f / d q (softmax's Jacobian), and the same for t with p.
+
+
+def _kl_value_and_grads(log_a: Tensor, log_b: Tensor, need_a: bool, need_b: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``KL(a || b)`` per row (terms with ``a == 0`` are 0, as in :func:`_kl_from_log_probs`) and its
+    gradients w.r.t. the logits of ``a`` (``a * (r - KL)``, ``r = log a - log b``) and of ``b`` (``b - a``)."""
+    a = log_a.exp()
+    log_ratio = torch.where(a > 0, log_a - log_b, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
+    value = (a * log_ratio).sum(dim=-1)
+    grad_a = a * (log_ratio - value[:, None]) if need_a else None
+    grad_b = log_b.exp() - a if need_b else None
+    return value, grad_a, grad_b
+
+
+def _fkl_closed_form(t: Tensor, s: Tensor, need_t: bool, need_s: bool):
+    value, grad_t, grad_s = _kl_value_and_grads(F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1), need_t, need_s)
+    return value, grad_t, grad_s
+
+
+def _rkl_closed_form(t: Tensor, s: Tensor, need_t: bool, need_s: bool):
+    value, grad_s, grad_t = _kl_value_and_grads(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), need_s, need_t)
+    return value, grad_t, grad_s
+
+
+def _jsd_closed_form(t: Tensor, s: Tensor, need_t: bool, need_s: bool, *, beta: float, scaled: bool):
+    """``JSD_b`` per token and its gradients: d JSD / d q = (1 - b) log(q / m) and d JSD / d p =
+    b log(p / m) (the other terms of the derivative cancel because ``m = b p + (1 - b) q``), so
+    ``grad_s = (1 - b) q (log q/m - KL(q || m))`` and ``grad_t = b p (log p/m - KL(p || m))``."""
+    if beta == 0.0:
+        return _fkl_closed_form(t, s, need_t, need_s)
+    if beta == 1.0:
+        return _rkl_closed_form(t, s, need_t, need_s)
+    log_p, log_q = _safe_log_softmax(t), _safe_log_softmax(s)
+    log_p_over_m, log_q_over_m = _log_ratios_to_mixture(log_p, log_q, beta)
+    p, q = log_p.exp(), log_q.exp()
+    kl_p_m = (p * log_p_over_m).sum(dim=-1)
+    kl_q_m = (q * log_q_over_m).sum(dim=-1)
+    factor = 1.0 / (beta * (1.0 - beta)) if scaled else 1.0
+    value = (beta * kl_p_m + (1.0 - beta) * kl_q_m) * factor
+    grad_t = p * (log_p_over_m - kl_p_m[:, None]) * (beta * factor) if need_t else None
+    grad_s = q * (log_q_over_m - kl_q_m[:, None]) * ((1.0 - beta) * factor) if need_s else None
+    return value, grad_t, grad_s
+
+
+_CLOSED_FORMS = {_fkl_tokens: _fkl_closed_form, _rkl_tokens: _rkl_closed_form, _jsd_tokens: _jsd_closed_form}
+
+
+def _closed_form(token_fn: Callable) -> Optional[Callable]:
+    """``(t, s, need_t, need_s) -> (values, grad_t, grad_s)`` for ``token_fn`` (a per-token function or a
+    ``functools.partial`` of one), or None when it has no closed form (then autograd differentiates it)."""
+    base, keywords = (token_fn.func, token_fn.keywords) if isinstance(token_fn, functools.partial) else (token_fn, {})
+    closed = _CLOSED_FORMS.get(base)
+    return None if closed is None else functools.partial(closed, **keywords)
 
 
 def _skew_kl_tokens(t: Tensor, s: Tensor, *, alpha: float) -> Tensor:
@@ -286,6 +350,34 @@ def _upcast_chunk(x2d: Tensor, rows: Optional[Tensor], start: int, stop: int, ne
     return chunk.requires_grad_(need_grad)
 
 
+# False: every divergence is differentiated by autograd, also those with a closed form (for tests and
+# benchmarks that compare the two routes).
+USE_CLOSED_FORMS = True
+
+
+def _chunk_values_and_grads(token_fn, closed, t, s, temperature, token_weight, need_t, need_s):
+    """One chunk's per-token values ``[n]`` (detached) and the gradients of ``token_weight * sum(values)``
+    w.r.t. ``t`` and ``s``: a list with an entry per input that needs one (None where the value does not
+    depend on it). By the closed form ``closed`` when there is one, else by autograd through ``token_fn``."""
+    if closed is not None:
+        scaled_t, scaled_s = (t, s) if temperature == 1.0 else (t / temperature, s / temperature)
+        values, grad_t, grad_s = closed(scaled_t, scaled_s, need_t, need_s)
+        weight = token_weight / temperature  # d / d logits = (d / d scaled logits) / temperature
+        grads = [g if weight == 1.0 else g.mul_(weight) for g, need in ((grad_t, need_t), (grad_s, need_s)) if need]
+        return values, grads
+    with torch.enable_grad():  # (forward of an autograd.Function runs without grad: the scaling must be recorded)
+        scaled_t, scaled_s = (t, s) if temperature == 1.0 else (t / temperature, s / temperature)
+        values = token_fn(scaled_t, scaled_s)
+        leaves = [x for x, need in ((t, need_t), (s, need_s)) if need]
+        if leaves and values.requires_grad:
+            # Each token's value depends only on its own row, so one vector-Jacobian product with
+            # a constant vector gives every row's gradient of (weighted) value at once.
+            grads = list(torch.autograd.grad(values, leaves, grad_outputs=torch.full_like(values, token_weight), allow_unused=True))
+        else:  # the value does not depend on the inputs (e.g. skew KL with alpha = 1)
+            grads = [None] * len(leaves)
+    return values.detach(), grads
+
+
 class _ChunkedDivergence(torch.autograd.Function):
     """Reduced divergence of ``[N, V]`` logits, computed chunk by chunk in forward and backward.
 
@@ -296,8 +388,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         returns: a float32 scalar for "mean"/"sum", ``[N]`` float32 for "none".
 
     When an input needs a gradient, each chunk's gradient (of the reduced output, or of each token's
-    own value for "none") is computed right away with ``torch.autograd.grad`` and copied into a buffer
-    shaped like that input. Only one chunk's float32 temporaries (and autograd graph) exist at a time.
+    own value for "none") is computed right away, by the divergence's closed form where it has one
+    (``_closed_form``), else with ``torch.autograd.grad``, and copied into a buffer shaped like that input. Only one chunk's float32 temporaries (and autograd graph) exist at a time.
     backward then multiplies the buffer by ``grad_output`` in place and hands it to autograd.
     """
 
@@ -312,24 +404,13 @@ class _ChunkedDivergence(torch.autograd.Function):
 
         # Weight of each token's value in the output: the gradient of a "mean" is 1/M per token.
         token_weight = 1.0 / n_selected if (reduction == "mean" and n_selected > 0) else 1.0
+        closed = _closed_form(token_fn) if USE_CLOSED_FORMS else None
         for start in range(0, n_selected, chunk_tokens):
             stop = min(start + chunk_tokens, n_selected)
-            with torch.enable_grad():
-                t = _upcast_chunk(teacher2d, rows, start, stop, need_t)
-                s = _upcast_chunk(student2d, rows, start, stop, need_s)
-                scaled_t, scaled_s = (t, s) if temperature == 1.0 else (t / temperature, s / temperature)
-                values = token_fn(scaled_t, scaled_s)
-                leaves = [x for x, need in ((t, need_t), (s, need_s)) if need]
-                grads = []
-                if leaves and values.requires_grad:
-                    # Each token's value depends only on its own row, so one vector-Jacobian product with
-                    # a constant vector gives every row's gradient of (weighted) value at once.
-                    grads = torch.autograd.grad(
-                        values, leaves, grad_outputs=torch.full_like(values, token_weight), allow_unused=True
-                    )
-                elif leaves:  # the value does not depend on the inputs (e.g. skew KL with alpha = 1)
-                    grads = [None] * len(leaves)
-            per_token[start:stop] = values.detach()
+            t = _upcast_chunk(teacher2d, rows, start, stop, need_t and closed is None)
+            s = _upcast_chunk(student2d, rows, start, stop, need_s and closed is None)
+            values, grads = _chunk_values_and_grads(token_fn, closed, t, s, temperature, token_weight, need_t, need_s)
+            per_token[start:stop] = values
             for buffer, grad in zip([b for b in (grad_t, grad_s) if b is not None], grads):
                 if grad is None:
                     continue
@@ -338,7 +419,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                     buffer[start:stop] = grad
                 else:
                     buffer.index_copy_(0, rows[start:stop], grad)
-            del t, s, scaled_t, scaled_s, values, leaves, grads  # free this chunk before the next one
+            del t, s, values, grads  # free this chunk before the next one
 
         ctx.reduction = reduction
         ctx.grad_t, ctx.grad_s = grad_t, grad_s
