@@ -25,7 +25,8 @@ Conventions
   full-size float32 temporaries alive for the backward pass. Here the counted tokens are processed
   ``chunk_tokens`` at a time, in the forward AND in the backward: while computing a chunk's values we
   also compute that chunk's gradient and write it into one preallocated buffer per input that requires
-  grad (same shape and dtype as that input). The backward pass only scales those buffers. Peak extra
+  grad (same shape and dtype as that input): by the closed form for forward KL, reverse KL and the
+  generalized JSD, by autograd for the others. The backward pass only scales those buffers. Peak extra
   memory is therefore about one gradient buffer per input that needs one, plus the float32 temporaries of
   a single chunk. Tokens that do not count (prompt, padding) are skipped entirely, which also saves
   compute. The result does not depend on ``chunk_tokens`` beyond float32 rounding. A chunk's

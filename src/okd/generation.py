@@ -160,7 +160,7 @@ class _PreallocatedLayer(DynamicLayer):
 
     ``DynamicLayer.update`` concatenates the new states onto the whole cache at every step, so
     decoding ``n`` tokens copies the cache ``n`` times (the ``decode_loop`` table of
-    benchmarks/results/generation_speed.md measures the difference). A write past ``capacity``
+    benchmarks/results/generation_speed_idle.md measures the difference). A write past ``capacity``
     (``_decode`` sizes it, so never there) grows the buffers by doubling.
     """
 
@@ -262,8 +262,9 @@ def _generate_one_batch(model, prompts, *, pad_token_id, eos_token_id, max_new_t
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_token_id).items()}
     # inference_mode, not no_grad: no autograd bookkeeping at all (version counters, view tracking) for
-    # the hundreds of small ops per token (measured in generation_speed.md's decode_loop). Nothing created here
-    # leaves the block as a tensor: the responses are returned as lists.
+    # the hundreds of small ops per token (generation_speed_idle.md's decode_loop table). Nothing created
+    # here leaves the block as a tensor: the responses are returned as lists. (Sharded runs, where
+    # parameters are materialised in forward, are refused for generating sources: distributed.py.)
     with torch.inference_mode():
         if backend == "okd":
             generated = _decode(
