@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
-# The real tier: SmolLM2-135M-Instruct fine-tuned as the teacher, shrunk students distilled (26 min from a fresh
+# The real tier: SmolLM2-135M-Instruct fine-tuned as the teacher, shrunk students distilled (23 min from a fresh
 # clone on an idle 2-core CPU, install included: see README).
 demo: $(STAMP)
 	$(VENV)/bin/okd demo
