@@ -9,7 +9,10 @@ student: its 10 evenly spaced layers (``okd.pretrained.shrink``); the built-in d
 chat template, max_length 128, batch 8. Variants: ``{kd, okd} x {full, positions, fused, default}``, i.e.
 ``train.loss_positions_only`` / ``train.fused_loss`` off/on, ``fused`` on every batch
 (``train.fused_min_logits_mib=0``) and the defaults, which pick fused or positions per batch by the
-size of its loss-position logits (OKD: the adapter, updated every step).
+size of its loss-position logits (OKD: the adapter, updated every step). ``cached`` (not in the default
+``--heads``) reads the teacher from a cache built once with ``okd.teacher_cache.cache_teacher`` (kept under
+benchmarks/results/.cache): OKD's final hidden states (the adapter and the head still run), KD's top-k
+log-probs (k = 64, no teacher in memory), the loop's defaults otherwise.
 Every variant gets the same batches and runs round robin (step i of every variant before step i + 1
 of any), so the machine's drift affects all alike and the ratios stay meaningful on a loaded machine.
 Writes ``benchmarks/results/step_time_real.json`` and ``.md``.
@@ -44,9 +47,23 @@ HEADS = {
     "positions": dict(loss_positions_only=True, fused_loss=False),
     "fused": dict(loss_positions_only=True, fused_loss=True, fused_min_logits_mib=0.0),  # fused on every batch
     "default": dict(),  # TrainConfig's defaults: fused only where the loss positions' logits are large
+    "cached": dict(),  # the defaults, with model.teacher_cache (see teacher_cache_dir)
 }
 # What Distiller.heads says for each (the default is the fused path, which picks per micro-batch).
-EXPECTED_HEADS = {"default": "fused"}
+EXPECTED_HEADS = {"default": "fused", "cached": None}  # None: not checked (a cache picks its own path)
+
+
+def teacher_cache_dir(teacher: Path, train_file: Path, method: str, args) -> str:
+    """A teacher cache for ``method`` on the first ``--max-examples`` training examples, built once:
+    final hidden states for OKD (its adapter sits before the head), top-64 log-probs for KD."""
+    from okd.teacher_cache import MANIFEST_FILE, cache_teacher
+
+    store = "hidden" if method == "okd" else "topk"
+    out = CACHE / f"{teacher.name}-{store}-cache-len{args.max_length}-n{args.max_examples}"
+    if not (out / MANIFEST_FILE).exists():
+        cache_teacher(str(teacher), str(train_file), str(out), store=store, top_k=64, max_length=args.max_length,
+                      max_examples=args.max_examples, overwrite=out.exists())
+    return str(out)
 
 
 def main() -> None:
@@ -77,8 +94,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for method, heads in variants:
             name = f"{method}-{heads}"
+            cache = teacher_cache_dir(teacher, paths["train"], method, args) if heads == "cached" else None
             distiller = Distiller(
-                model=ModelConfig(teacher=str(teacher), student=str(student)),
+                model=ModelConfig(teacher=str(teacher), student=str(student), teacher_cache=cache),
                 method=MethodConfig(name=method),
                 online=online,
                 data=DataConfig(train_file=str(paths["train"]), validation_file=None, max_length=args.max_length,
@@ -90,7 +108,8 @@ def main() -> None:
                 overwrite=True,
                 progress=False,
             )
-            assert distiller.heads == EXPECTED_HEADS.get(heads, heads), (name, distiller.heads)
+            expected = EXPECTED_HEADS.get(heads, heads)
+            assert expected is None or distiller.heads == expected, (name, distiller.heads)
             batches[name] = [distiller.source.next_batch() for _ in range(args.warmup + args.steps)]
             distillers[name] = distiller
         times: dict[str, list[float]] = {name: [] for name in distillers}
@@ -133,6 +152,8 @@ def main() -> None:
                 ratios[f"{method}_speedup_{heads}_vs_full"] = med[f"{method}-full"] / med[f"{method}-{heads}"]
     if "okd-fused" in med and "kd-full" in med:
         ratios["okd_fused_over_kd_full"] = med["okd-fused"] / med["kd-full"]
+    if "okd-cached" in med and "kd-default" in med:  # issue 15: OKD from cached hidden states vs live KD
+        ratios["okd_cached_over_kd_default"] = med["okd-cached"] / med["kd-default"]
     results["ratios"] = ratios
     write_json_atomic(args.out, results)
     m = results["machine"]

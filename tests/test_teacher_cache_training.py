@@ -129,13 +129,19 @@ def test_a_hidden_cache_trains_okd_as_the_live_teacher(tiny_setting, caches, tmp
     head_params = sum(p.numel() for p in cached.teacher.model.parameters())
     assert head_params == cached.teacher.model.get_output_embeddings().weight.numel()
     assert head_params < sum(p.numel() for p in live.teacher.model.parameters()) / 2
+    assert cached.heads == "positions"  # both heads on the loss positions only
 
 
-def test_a_hidden_cache_with_the_frozen_teacher_terms(tiny_setting, caches, tmp_path):
-    """The anchor and the teacher mix need the frozen teacher's logits: head(h) from the same cache."""
+@pytest.mark.parametrize("positions", [True, False], ids=["loss-positions", "full-logits"])
+def test_a_hidden_cache_with_the_frozen_teacher_terms(tiny_setting, caches, tmp_path, positions):
+    """The anchor and the teacher mix need the frozen teacher's logits: head(h) from the same cache; on
+    the loss positions (the default) and with full logits scattered back (loss_positions_only off)."""
     online = OnlineModuleConfig(kind="adapter", adapter_bottleneck=8, learning_rate=3e-3, anchor_weight=0.5, teacher_mix=0.3)
     live, live_records = _run(tmp_path, "live", _fields(tiny_setting, "okd", online=online))
-    cached, cached_records = _run(tmp_path, "cached", _fields(tiny_setting, "okd", caches["hidden"], online=online))
+    fields = _fields(tiny_setting, "okd", caches["hidden"], online=online)
+    fields["train"] = dataclasses.replace(fields["train"], loss_positions_only=positions)
+    cached, cached_records = _run(tmp_path, "cached", fields)
+    assert cached.heads == ("positions" if positions else "full")
     assert "module_kl_from_frozen" in cached_records[-1]
     _assert_same_run(live, cached, live_records, cached_records)
 

@@ -9,9 +9,11 @@
   ``method.temperature != 1`` is allowed; refused for ``k < vocab``);
 * a ``store="hidden"`` cache holds the teacher's final hidden states: only the teacher's output head
   is kept (the teacher is loaded, its head taken and the rest dropped, :class:`HeadOnlyTeacher`), and an
-  OKD step with ``online.kind=adapter`` costs the adapter and the head. The teacher's logits are
-  scattered back to ``[batch, seq, vocab]`` (zeros off the loss positions, which every loss masks out)
-  and the usual :class:`okd.losses.DistillationLoss` runs on them, so the run equals the live one.
+  OKD step with ``online.kind=adapter`` costs the adapter and the head. With ``train.loss_positions_only``
+  (the default) the student's head, too, runs on the loss positions only (``okd.heads``) and the usual
+  :class:`okd.losses.DistillationLoss` takes both models' ``[positions, vocab]`` logits, as on the live
+  teacher's positions path; otherwise the teacher's logits are scattered back to ``[batch, seq, vocab]``
+  (zeros off the loss positions, which every loss masks out). Either way the run equals the live one.
 
 Only teacher-forced ground-truth data can be cached (``method.source=ground_truth``): generated
 sequences are new every step. Entries are found by a hash of each tokenised example, so shuffled
@@ -143,9 +145,13 @@ def cache_identity(cache: TeacherCache) -> dict:
     return {"path": str(cache.directory), "manifest_fingerprint": hashlib.sha256(manifest).hexdigest()[:16]}
 
 
-def _hidden_teacher_logits(teacher, cache: TeacherCache, batch: dict, *, track_module_grad: bool, need_frozen: bool):
-    """``(adapted, frozen)`` ``[B, T, V]`` logits from cached hidden states, as the adapter computes them
-    (``head(adapter(h))`` and ``head(h)``), zeros off the loss positions; ``frozen`` None unless needed."""
+def _hidden_teacher_logits(
+    teacher, cache: TeacherCache, batch: dict, *, track_module_grad: bool, need_frozen: bool, positions: bool = False
+):
+    """``(adapted, frozen)`` logits from cached hidden states, as the adapter computes them
+    (``head(adapter(h))`` and ``head(h)``); ``frozen`` None unless needed. ``positions``: ``[N, V]``, one
+    row per loss position (row-major, as ``okd.heads.loss_positions``); else ``[B, T, V]``, zeros off
+    the loss positions."""
     targets = cache.lookup(batch["input_ids"], batch["attention_mask"], batch["labels"])
     head = teacher.model.get_output_embeddings()
     hidden = targets.hidden.to(head.weight.device, head.weight.dtype)
@@ -157,14 +163,33 @@ def _hidden_teacher_logits(teacher, cache: TeacherCache, batch: dict, *, track_m
     else:
         with torch.set_grad_enabled(track_module_grad and torch.is_grad_enabled()):
             adapted = head(adapter(hidden))
+    frozen = frozen if adapter is not None else None
+    if positions:
+        return adapted, frozen
     mask = targets.mask
-    return scatter_to_batch(adapted, mask), (scatter_to_batch(frozen, mask) if frozen is not None and adapter is not None else None)
+    return scatter_to_batch(adapted, mask), (scatter_to_batch(frozen, mask) if frozen is not None else None)
 
 
 def cached_forward_losses(distiller, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
     """:meth:`okd.training.Distiller.forward_losses` with the teacher read from ``distiller.teacher_cache``."""
     loss_fn, cache = distiller.loss_fn, distiller.teacher_cache
     with distiller.accelerator.autocast():
+        if cache.store == "hidden" and distiller.loss_path.heads == "positions":
+            # Both heads on the loss positions only: the student's from its final hidden states there.
+            from okd.heads import apply_head, final_hidden_at, loss_positions
+
+            objective = loss_fn.objective
+            rows, targets = loss_positions(batch["labels"])
+            student = distiller.student
+            student_hidden = final_hidden_at(student, batch["input_ids"], batch["attention_mask"], rows)
+            student_logits = apply_head(distiller.accelerator.unwrap_model(student).get_output_embeddings(), student_hidden)
+            teacher_logits, frozen_logits = _hidden_teacher_logits(
+                distiller.teacher, cache, batch, track_module_grad=update_module,
+                need_frozen=objective is not None and objective.needs_frozen(update_module), positions=True,
+            )
+            return loss_fn(
+                student_logits, teacher_logits, None, update_module, frozen_logits, distiller.step, targets=targets,
+            )
         student_logits = distiller.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if cache.store == "hidden":
             objective = loss_fn.objective

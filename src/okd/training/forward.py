@@ -50,8 +50,15 @@ class LossPath:
         ``okd.losses.fused_unsupported``); the fused loss's reason for not running is printed once."""
         train, student = distiller.train_config, distiller.accelerator.unwrap_model(distiller.student)
         teacher = distiller.teacher
-        if distiller.teacher_cache is not None or distiller.minillm_loss is not None:
-            return cls("full")  # these compute their own losses (okd.training.cached, okd.objectives)
+        if distiller.minillm_loss is not None:
+            return cls("full")  # MiniLLM computes its own losses (okd.objectives)
+        if distiller.teacher_cache is not None:
+            # okd.training.cached: a hidden-state cache takes the student's head on the loss positions
+            # (the teacher's rows come from disk); a top-k cache's bucketed divergence takes full logits.
+            positions = (
+                train.loss_positions_only and distiller.teacher_cache.store == "hidden" and head_on_positions_supported(student)
+            )
+            return cls("positions" if positions else "full")
         if distiller.sharding == "zero3":
             # ZeRO-3 gathers a weight only inside its module's call; the fused loss reads the head weights directly.
             train = dataclasses.replace(train, fused_loss=False)
