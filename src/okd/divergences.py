@@ -136,8 +136,12 @@ def _kl_from_log_probs(log_a: Tensor, log_b: Tensor) -> Tensor:
     pass: ``torch.where(m, a * r, 0)`` would still back-propagate ``0 * inf`` through ``a * r``.
     """
     a = log_a.exp()
-    log_ratio = torch.where(a > 0, log_a - log_b, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
-    return (a * log_ratio).sum(dim=-1)
+    return (a * _masked_log_ratio(a, log_a, log_b)).sum(dim=-1)
+
+
+def _masked_log_ratio(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
+    """``log a - log b`` where ``a > 0``, exactly 0 elsewhere (see :func:`_kl_from_log_probs`)."""
+    return torch.where(a > 0, log_a - log_b, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
 
 
 def _fkl_tokens(t: Tensor, s: Tensor) -> Tensor:
@@ -221,7 +225,7 @@ def _kl_value_and_grads(log_a: Tensor, log_b: Tensor, need_a: bool, need_b: bool
     """``KL(a || b)`` per row (terms with ``a == 0`` are 0, as in :func:`_kl_from_log_probs`) and its
     gradients w.r.t. the logits of ``a`` (``a * (r - KL)``, ``r = log a - log b``) and of ``b`` (``b - a``)."""
     a = log_a.exp()
-    log_ratio = torch.where(a > 0, log_a - log_b, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
+    log_ratio = _masked_log_ratio(a, log_a, log_b)
     value = (a * log_ratio).sum(dim=-1)
     grad_a = a * (log_ratio - value[:, None]) if need_a else None
     grad_b = log_b.exp() - a if need_b else None
@@ -229,8 +233,7 @@ def _kl_value_and_grads(log_a: Tensor, log_b: Tensor, need_a: bool, need_b: bool
 
 
 def _fkl_closed_form(t: Tensor, s: Tensor, need_t: bool, need_s: bool):
-    value, grad_t, grad_s = _kl_value_and_grads(F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1), need_t, need_s)
-    return value, grad_t, grad_s
+    return _kl_value_and_grads(F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1), need_t, need_s)
 
 
 def _rkl_closed_form(t: Tensor, s: Tensor, need_t: bool, need_s: bool):

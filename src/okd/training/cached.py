@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from okd.heads import apply_head, final_hidden_at, loss_positions
 from okd.losses import StepLosses, cross_entropy, next_token_targets
 from okd.teacher_cache import (
     MANIFEST_FILE,
@@ -176,8 +177,6 @@ def cached_forward_losses(distiller, batch: dict[str, torch.Tensor], update_modu
     with distiller.accelerator.autocast():
         if cache.store == "hidden" and distiller.loss_path.heads == "positions":
             # Both heads on the loss positions only: the student's from its final hidden states there.
-            from okd.heads import apply_head, final_hidden_at, loss_positions
-
             objective = loss_fn.objective
             rows, targets = loss_positions(batch["labels"])
             student = distiller.student
