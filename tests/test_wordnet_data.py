@@ -316,6 +316,7 @@ def test_records_are_clean(built):
         assert wordnet.MIN_WORDS <= len(words) <= wordnet.MAX_WORDS
         assert '"' not in r["response"] and "\n" not in r["response"]
         assert r["response"] == r["response"].strip()
+        assert not re.search(rf"(?<![\w-]){lemma}(?![\w-])", r["response"]), "circular definition"
     names = [r["name"] for r in all_records]
     assert len(names) == len(set(names))
 
