@@ -299,7 +299,7 @@ def find_source(source: str | os.PathLike | None = None) -> Path:
             return directory
     raise DataError(
         f"WordNet 3.0 files not found in {', '.join(str(d) for d in tried)}; run `make install` "
-        f"(it downloads Debian's {DEBIAN_PACKAGE} {DEBIAN_VERSION} into {CACHE_SOURCE.parts[0]}/), "
+        f"(it downloads Debian's {DEBIAN_PACKAGE} {DEBIAN_VERSION} into .cache/debian/), "
         f"`apt-get install {DEBIAN_PACKAGE}`, or pass --source DIR"
     )
 
