@@ -65,8 +65,11 @@ class Protocol:
     """The fixed settings of docs/results/protocol.md (changing one is a new protocol, not a rerun)."""
 
     batch_size: int = 8
-    teacher_learning_rate: float = 5e-5
-    teacher_max_epochs: int = 3
+    teacher_lora_rank: int = 8
+    """The teacher is the base fine-tuned with LoRA (alpha 2 x rank, every linear layer but the head):
+    its adapter is a few MB, committed with the results, so the teacher is rebuilt exactly anywhere."""
+    teacher_learning_rate: float = 5e-4
+    teacher_max_epochs: int = 2
     student_layers: int = 10
     student_max_epochs: int = 2
     min_epochs: int = 1
@@ -96,7 +99,9 @@ PROTOCOL = Protocol()
 
 
 def lr_label(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-").replace("+0", "")
+    """``1.5e-4`` for 0.00015 (three significant digits at most)."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def run_label(method: str, lr: float, seed: int) -> str:
@@ -177,7 +182,7 @@ def train_run(kind: str, method: str, lr: float, seed: int, paths: Paths, settin
     the best student; resume from the run's last segment when it was cut off. Returns the result."""
     import torch
 
-    from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, SamplingConfig, TrainConfig
+    from okd.config import DataConfig, EvalConfig, LoraStudentConfig, MethodConfig, ModelConfig, OnlineModuleConfig, SamplingConfig, TrainConfig
     from okd.data import InstructionDataset, read_jsonl
     from okd.io import write_json
     from okd.training import Distiller
@@ -194,7 +199,8 @@ def train_run(kind: str, method: str, lr: float, seed: int, paths: Paths, settin
     horizon = segment * PROTOCOL.evals_per_epoch * max_epochs
     method_kw, online_kw = method_sections(method)
     if kind == "teacher":
-        model = ModelConfig(student=str(paths.base))
+        rank = PROTOCOL.teacher_lora_rank
+        model = ModelConfig(student=str(paths.base), student_lora=LoraStudentConfig(rank=rank, alpha=2.0 * rank))
     else:
         cached = method in PROTOCOL.cached_methods
         model = ModelConfig(teacher=str(paths.teacher), student=str(paths.student_init), teacher_cache=str(paths.cache) if cached else None)
@@ -264,15 +270,23 @@ def train_run(kind: str, method: str, lr: float, seed: int, paths: Paths, settin
         "commit": git_commit(),
     }
     if kind == "teacher":
-        publish_teacher(run_dir / "best_student", paths.teacher)
+        adapter = paths.out / "teacher_adapter"
+        if adapter.exists():
+            shutil.rmtree(adapter)
+        shutil.copytree(run_dir / "best_student", adapter)
     return result
 
 
-def publish_teacher(best: Path, teacher: Path) -> None:
-    """The teacher directory is the best validation checkpoint of the teacher run."""
-    if teacher.exists():
-        shutil.rmtree(teacher)
-    shutil.copytree(best, teacher)
+def build_teacher(paths: Paths) -> Path:
+    """The teacher: the base model with the committed LoRA adapter folded in (float32, exact)."""
+    from peft import PeftModel
+
+    from okd.models import load_model, load_tokenizer, save_pretrained_atomic
+
+    base = load_model(str(paths.base))
+    merged = PeftModel.from_pretrained(base, str(paths.out / "teacher_adapter")).merge_and_unload()
+    save_pretrained_atomic(merged, load_tokenizer(str(paths.base)), paths.teacher)
+    return paths.teacher
 
 
 def git_commit() -> str:
@@ -300,12 +314,15 @@ def stage_teacher(args, paths: Paths, settings: TaskSettings) -> None:
     from okd.io import write_json
 
     result_path = paths.out / "teacher.json"
-    if result_path.exists() and paths.teacher.exists():
-        print(f"teacher: done ({result_path})")
+    if result_path.exists() and (paths.out / "teacher_adapter").exists():
+        if not (paths.teacher / "config.json").exists():
+            build_teacher(paths)
+        print(f"teacher: {paths.teacher} (from {paths.out / 'teacher_adapter'})")
         return
     result = train_run("teacher", "sft", PROTOCOL.teacher_learning_rate, 0, paths, settings, threads=args.threads)
     write_json(result_path, result)
-    commit_results([result_path], f"decision/{paths.task}: teacher fine-tuned, best validation ROUGE-L {result['best']['rouge_l']:.2f} at epoch {result['best']['epoch']:.1f}")
+    build_teacher(paths)
+    commit_results([result_path, paths.out / "teacher_adapter"], f"decision/{paths.task}: teacher fine-tuned, best validation ROUGE-L {result['best']['rouge_l']:.2f} at epoch {result['best']['epoch']:.1f}")
 
 
 def stage_prepare(args, paths: Paths, settings: TaskSettings) -> None:
