@@ -46,3 +46,17 @@ def test_readme_gives_the_commands_ci_and_a_new_user_run():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_user_pages_speak_of_the_product_not_of_its_development():
+    """README, CHANGELOG and docs/ describe okd and its results; tracker items and dated wording
+    ("today's", "this session") belong to commit messages."""
+    pattern = re.compile(r"\bissue [0-9]|\bsession\b|today's", re.IGNORECASE)
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    hits = [
+        f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
+        for page in pages
+        for number, line in enumerate(page.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not hits, "\n".join(hits)
