@@ -49,9 +49,10 @@ def test_readme_gives_the_commands_ci_and_a_new_user_run():
 
 
 def test_user_pages_speak_of_the_product_not_of_its_development():
-    """README, CHANGELOG and docs/ describe okd and its results; tracker items and dated wording
-    ("today's", "this session") belong to commit messages."""
-    pattern = re.compile(r"\bissue [0-9]|\bsession\b|today's", re.IGNORECASE)
+    """README, CHANGELOG and docs/ describe okd and its results; tracker items ("issue" and a number)
+    and wording dated by the work that produced it belong to commit messages."""
+    dated = ["today" + "'s", "sess" + "ion"]  # split so that this file does not match itself
+    pattern = re.compile(r"\bissue [0-9]|" + "|".join(rf"\b{word}\b" for word in dated), re.IGNORECASE)
     pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
     hits = [
         f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
