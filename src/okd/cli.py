@@ -16,7 +16,7 @@ import json as _json
 import os
 import re
 import sys
-from typing import Literal
+from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
 
@@ -29,16 +29,26 @@ from okd.training import distill
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
-def data_build(out_dir: str = "runs/data/builtin", force: bool = False) -> None:
-    """Build the built-in data set (Python standard-library docstrings) as JSONL files.
+def data_build(
+    task: str = "builtin", out_dir: Optional[str] = None, force: bool = False, source: Optional[str] = None
+) -> None:
+    """Build a data task's train/validation/test JSONL files.
+
+    Tasks: builtin (Python standard-library docstrings: describe a function in one sentence) and
+    wordnet (WordNet 3.0 definitions: define an English word given its part of speech).
 
     Args:
-        out_dir: Directory for train.jsonl, validation.jsonl, test.jsonl and meta.json.
+        task: Which data set: builtin or wordnet.
+        out_dir: Directory for train.jsonl, validation.jsonl, test.jsonl and meta.json
+            (default runs/data/TASK).
         force: Rebuild even if up-to-date files exist.
+        source: wordnet only: the directory of the WordNet 3.0 dict files (index.noun, data.noun, ...).
+            Default: /usr/share/wordnet, then .cache/debian/wordnet-base/usr/share/wordnet (filled by
+            `make install`).
     """
-    from okd.data.builtin import build_builtin_dataset
+    from okd.data.tasks import build_task
 
-    paths = build_builtin_dataset(out_dir, force=force)
+    paths = build_task(task, out_dir=out_dir, force=force, source=source)
     for split, path in paths.items():
         print(f"{split}: {path}")
 

@@ -3,6 +3,8 @@
 * ``okd.data.instruction``: read/write JSONL (prompt/response, instruction/input/output and
   chat records), tokenise with loss labels on the response only, pad batches.
 * ``okd.data.builtin``: a real offline dataset made from the standard library's docstrings.
+* ``okd.data.wordnet``: a second one, WordNet 3.0 definitions (Debian's ``wordnet-base`` files).
+* ``okd.data.tasks``: the registry of buildable tasks (``okd data build --task NAME``).
 """
 
 from .builtin import build_builtin_dataset, builtin_texts
@@ -22,9 +24,12 @@ from .instruction import (
     tokenize_example,
     write_jsonl,
 )
+from .tasks import TASKS, build_task
+from .wordnet import build_wordnet_dataset
 
 __all__ = [
     "IGNORE_INDEX",
+    "TASKS",
     "PROMPT_TEMPLATE",
     "PROMPT_TEMPLATE_NO_INPUT",
     "Collator",
@@ -32,6 +37,8 @@ __all__ = [
     "Example",
     "InstructionDataset",
     "build_builtin_dataset",
+    "build_task",
+    "build_wordnet_dataset",
     "builtin_texts",
     "collate_prompts",
     "ensure_pad_token",

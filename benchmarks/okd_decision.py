@@ -1,0 +1,454 @@
+"""The decisive comparison of OKD with KD and the other methods, run as docs/results/protocol.md says.
+
+Every stage is a subcommand; each one skips what is already done, so a grid interrupted by a reboot
+(or a machine taken away) resumes where it stopped when the same command is run again, down to the last
+half-epoch checkpoint of a run that was cut off. Results of finished runs are written under
+``--results`` (committed), models and checkpoints under ``--runs`` (not committed).
+
+    python benchmarks/okd_decision.py teacher --task builtin        # SmolLM2 fine-tuned, epochs chosen on validation
+    python benchmarks/okd_decision.py prepare --task builtin        # 10-layer student + hidden-state teacher cache
+    python benchmarks/okd_decision.py grid --task builtin --stage sweep --workers 2
+    python benchmarks/okd_decision.py select --task builtin         # learning rates chosen on validation only
+    python benchmarks/okd_decision.py grid --task builtin --stage seeds --workers 2
+    python benchmarks/okd_decision.py status --task builtin
+
+A run trains in segments of half an epoch; after each segment the student is scored on the whole
+validation split (ROUGE-L of two sampling draws at temperature 1, and greedy) and a checkpoint is kept.
+The student with the best sampled validation ROUGE-L is saved as the run's result. A run stops when
+that score has not improved for ``patience`` evaluations after its first epoch, or at its epoch budget.
+Training seconds exclude the evaluations; they are single-thread seconds (every job runs with one torch
+thread, two jobs side by side on a two-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What differs between tasks: where the data is, lengths."""
+
+    data: str
+    """Directory with train/validation/test.jsonl (``okd data build``)."""
+    max_length: int = 96
+    """Tokens per training example (prompt in the chat template + response)."""
+    max_new_tokens: int = 32
+    """Tokens generated per response when scoring."""
+
+
+TASKS = {
+    "builtin": TaskSettings(data="runs/data/builtin"),
+    "wordnet": TaskSettings(data="runs/data/wordnet"),
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The fixed settings of docs/results/protocol.md (changing one is a new protocol, not a rerun)."""
+
+    batch_size: int = 8
+    teacher_learning_rate: float = 5e-5
+    teacher_max_epochs: int = 3
+    student_layers: int = 10
+    student_max_epochs: int = 2
+    min_epochs: int = 1
+    patience: int = 2
+    """Evaluations (half-epochs) without a better validation score before a run stops (after min_epochs)."""
+    evals_per_epoch: int = 2
+    warmup_fraction: float = 0.03
+    validation_draws: tuple[int, ...] = (1001, 1002)
+    """Sampling seeds of the validation score (temperature 1, top-p 1)."""
+    test_draws: tuple[int, ...] = (2001, 2002, 2003)
+    learning_rates: tuple[float, ...] = (5e-5, 1.5e-4, 4.5e-4)
+    """The sweep of each method's peak learning rate, at training seed 0."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = ("sft", "kd", "rkl", "okd", "okd_kl", "distillm", "gkd")
+    """Methods of the seeded grid (the `okd` preset; okd_kl is OKD with a KL module objective)."""
+    one_seed_methods: tuple[str, ...] = ("seqkd", "imitkd", "minillm")
+    cached_methods: tuple[str, ...] = ("kd", "rkl", "okd", "okd_kl")
+    """Ground-truth methods that read the teacher from its hidden-state cache (sft needs no teacher)."""
+
+
+PROTOCOL = Protocol()
+
+
+# --------------------------------------------------------------------------------------
+# paths
+# --------------------------------------------------------------------------------------
+
+
+def lr_label(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-").replace("+0", "")
+
+
+def run_label(method: str, lr: float, seed: int) -> str:
+    return f"{method}-lr{lr_label(lr)}-s{seed}"
+
+
+@dataclass
+class Paths:
+    task: str
+    runs: Path
+    results: Path
+    base: Path
+
+    @property
+    def work(self) -> Path:
+        return self.runs / self.task
+
+    @property
+    def out(self) -> Path:
+        return self.results / self.task
+
+    @property
+    def teacher(self) -> Path:
+        return self.work / "teacher"
+
+    @property
+    def student_init(self) -> Path:
+        return self.work / f"student-{PROTOCOL.student_layers}l"
+
+    @property
+    def cache(self) -> Path:
+        return self.work / "teacher_cache_hidden"
+
+    def run_dir(self, label: str) -> Path:
+        return self.work / "runs" / label
+
+    def result(self, label: str) -> Path:
+        return self.out / "runs" / f"{label}.json"
+
+
+# --------------------------------------------------------------------------------------
+# one training run with validation segments
+# --------------------------------------------------------------------------------------
+
+
+def method_sections(method: str) -> tuple[dict, dict]:
+    """``(method fields, online-module fields)``: the presets, and okd_kl (the `okd` preset with a
+    KL module objective, the module divergence of earlier versions)."""
+    if method == "okd_kl":
+        return {"name": "okd"}, {"divergence": "kl"}
+    return {"name": method}, {}
+
+
+def validation_score(student, tokenizer, dataset, settings: TaskSettings) -> dict:
+    """Mean ROUGE-L over the validation draws (the selection score) and greedy ROUGE-L."""
+    from okd.evaluation import GenerationConfig, evaluate_model
+
+    common = dict(max_new_tokens=settings.max_new_tokens, batch_size=32)
+    sampled = evaluate_model(student, tokenizer, dataset, list(PROTOCOL.validation_draws), GenerationConfig(do_sample=True, **common), progress=False)
+    greedy = evaluate_model(student, tokenizer, dataset, [0], GenerationConfig(do_sample=False, **common), progress=False)
+    return {
+        "rouge_l": sampled.rouge_l_mean,
+        "rouge_l_per_draw": [s["rouge_l"] for s in sampled.per_seed],
+        "greedy_rouge_l": greedy.rouge_l_mean,
+        "exact_match": sampled.exact_match_mean,
+        "greedy_exact_match": greedy.exact_match_mean,
+    }
+
+
+def save_model_atomic(model, tokenizer, out: Path) -> None:
+    from okd.models import save_pretrained_atomic
+
+    save_pretrained_atomic(model, tokenizer, out)
+
+
+def train_run(kind: str, method: str, lr: float, seed: int, paths: Paths, settings: TaskSettings, threads: int = 1) -> dict:
+    """Train one run (teacher or student) in half-epoch segments, scoring validation after each; keep
+    the best student; resume from the run's last segment when it was cut off. Returns the result."""
+    import torch
+
+    from okd.config import DataConfig, EvalConfig, MethodConfig, ModelConfig, OnlineModuleConfig, SamplingConfig, TrainConfig
+    from okd.data import InstructionDataset, read_jsonl
+    from okd.io import write_json
+    from okd.training import Distiller
+
+    torch.set_num_threads(threads)
+    label = "teacher" if kind == "teacher" else run_label(method, lr, seed)
+    run_dir = paths.work / "teacher_run" if kind == "teacher" else paths.run_dir(label)
+    progress_file = run_dir / "decision_progress.json"
+    data = Path(settings.data)
+    n_train = sum(1 for _ in open(data / "train.jsonl"))
+    steps_per_epoch = math.ceil(n_train / PROTOCOL.batch_size)
+    segment = math.ceil(steps_per_epoch / PROTOCOL.evals_per_epoch)
+    max_epochs = PROTOCOL.teacher_max_epochs if kind == "teacher" else PROTOCOL.student_max_epochs
+    horizon = segment * PROTOCOL.evals_per_epoch * max_epochs
+    method_kw, online_kw = method_sections(method)
+    if kind == "teacher":
+        model = ModelConfig(student=str(paths.base))
+    else:
+        cached = method in PROTOCOL.cached_methods
+        model = ModelConfig(teacher=str(paths.teacher), student=str(paths.student_init), teacher_cache=str(paths.cache) if cached else None)
+
+    resuming = progress_file.exists() and any((run_dir / "checkpoints").glob("step-*"))
+    progress = json.loads(progress_file.read_text()) if resuming else {"curve": [], "best": None}
+    distiller = Distiller(
+        model=model,
+        method=MethodConfig(**method_kw),
+        online=OnlineModuleConfig(**online_kw),
+        data=DataConfig(
+            train_file=str(data / "train.jsonl"), validation_file=str(data / "validation.jsonl"),
+            max_length=settings.max_length, max_validation_examples=64,
+        ),
+        train=TrainConfig(
+            max_steps=horizon, batch_size=PROTOCOL.batch_size, learning_rate=lr, lr_scheduler="cosine",
+            warmup_steps=max(1, round(PROTOCOL.warmup_fraction * horizon)), seed=seed, log_every=25,
+            keep_checkpoints=1,
+        ),
+        # DistiLLM's adaptive source reads the validation loss: once per segment, as the score.
+        eval=EvalConfig(every=segment),
+        sampling=SamplingConfig(max_new_tokens=settings.max_new_tokens),
+        output_dir=str(run_dir),
+        overwrite=not resuming,
+        resume=resuming,
+        progress=False,
+    )
+    # Curve points past the checkpoint the run resumed from are recomputed.
+    progress["curve"] = [p for p in progress["curve"] if p["step"] <= distiller.step]
+    if progress["best"] and progress["best"]["step"] > distiller.step:
+        progress["best"] = max(progress["curve"], key=lambda p: p["rouge_l"], default=None)
+    validation = InstructionDataset(read_jsonl(str(data / "validation.jsonl"), tokenizer=distiller.tokenizer), distiller.tokenizer, settings.max_length)
+    stop_reason = "epoch budget"
+    while distiller.step < horizon:
+        distiller.train_config.max_steps = min(distiller.step + segment, horizon)
+        distiller.train()
+        if distiller.interrupted:
+            sys.exit(f"{label}: stopped by a signal at step {distiller.step}; rerun the same command to resume")
+        student = distiller.accelerator.unwrap_model(distiller.student)
+        eval_started = time.perf_counter()
+        point = {"step": distiller.step, "epoch": distiller.step / steps_per_epoch, "train_seconds": distiller.train_seconds,
+                 **validation_score(student, distiller.tokenizer, validation, settings),
+                 "validation_ce": distiller.final_metrics.get("validation_ce"),
+                 "eval_seconds": time.perf_counter() - eval_started}
+        student.train()
+        progress["curve"].append(point)
+        if progress["best"] is None or point["rouge_l"] > progress["best"]["rouge_l"]:
+            progress["best"] = point
+            save_model_atomic(student, distiller.tokenizer, run_dir / "best_student")
+            if distiller.online_config is not None:
+                distiller.teacher.save_module(run_dir / "best_online_module")
+        distiller.save_checkpoint()
+        write_json(progress_file, progress)
+        print(f"{label}: step {point['step']} (epoch {point['epoch']:.2f}) validation ROUGE-L {point['rouge_l']:.2f} "
+              f"greedy {point['greedy_rouge_l']:.2f} ({point['train_seconds']:.0f} s training)", flush=True)
+        since_best = sum(1 for p in progress["curve"] if p["step"] > progress["best"]["step"])
+        if point["epoch"] >= PROTOCOL.min_epochs - 1e-9 and since_best >= PROTOCOL.patience:
+            stop_reason = f"no better validation score in {PROTOCOL.patience} evaluations"
+            break
+    result = {
+        "task": paths.task, "kind": kind, "method": method, "learning_rate": lr, "seed": seed, "label": label,
+        "best": progress["best"], "curve": progress["curve"], "stop_reason": stop_reason,
+        "steps": distiller.step, "steps_per_epoch": steps_per_epoch, "schedule_horizon": horizon,
+        "train_seconds": distiller.train_seconds, "eval_seconds": sum(p["eval_seconds"] for p in progress["curve"]),
+        "threads": threads, "protocol": asdict(PROTOCOL), "task_settings": asdict(settings),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "commit": git_commit(),
+    }
+    if kind == "teacher":
+        publish_teacher(run_dir / "best_student", paths.teacher)
+    return result
+
+
+def publish_teacher(best: Path, teacher: Path) -> None:
+    """The teacher directory is the best validation checkpoint of the teacher run."""
+    if teacher.exists():
+        shutil.rmtree(teacher)
+    shutil.copytree(best, teacher)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def commit_results(paths: list[Path], message: str) -> None:
+    """Commit finished results at once (the grid runs from its own worktree and branch)."""
+    if os.environ.get("OKD_DECISION_NO_COMMIT"):
+        return
+    rel = [str(p.resolve().relative_to(REPO)) for p in paths]
+    subprocess.run(["git", "-C", str(REPO), "add", *rel], check=True)
+    subprocess.run(["git", "-C", str(REPO), "commit", "-q", "-m", message, "--", *rel], check=False)
+
+
+# --------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------
+
+
+def stage_teacher(args, paths: Paths, settings: TaskSettings) -> None:
+    from okd.io import write_json
+
+    result_path = paths.out / "teacher.json"
+    if result_path.exists() and paths.teacher.exists():
+        print(f"teacher: done ({result_path})")
+        return
+    result = train_run("teacher", "sft", PROTOCOL.teacher_learning_rate, 0, paths, settings, threads=args.threads)
+    write_json(result_path, result)
+    commit_results([result_path], f"decision/{paths.task}: teacher fine-tuned, best validation ROUGE-L {result['best']['rouge_l']:.2f} at epoch {result['best']['epoch']:.1f}")
+
+
+def stage_prepare(args, paths: Paths, settings: TaskSettings) -> None:
+    import torch
+
+    from okd.pretrained import shrink
+    from okd.teacher_cache import cache_teacher
+
+    torch.set_num_threads(args.threads)
+    if not (paths.student_init / "config.json").exists():
+        shrink(str(paths.teacher), str(paths.student_init), layers=PROTOCOL.student_layers)
+    if not (paths.cache / "manifest.json").exists():
+        cache_teacher(teacher=str(paths.teacher), data=str(Path(settings.data) / "train.jsonl"), out=str(paths.cache),
+                      store="hidden", max_length=settings.max_length, overwrite=True, progress=False)
+    print(f"student: {paths.student_init}\ncache: {paths.cache}")
+
+
+def plan(stage: str, paths: Paths, methods: list[str]) -> list[tuple[str, float, int]]:
+    """The jobs of a stage for ``methods``: the sweep (each learning rate at seed 0), or the remaining
+    seeds at each method's selected rate (selection.json); a one-seed method runs seed 0 at kd's rate."""
+    if stage == "sweep":
+        return [(m, lr, 0) for m in methods if m in PROTOCOL.methods for lr in PROTOCOL.learning_rates]
+    selection = read_selection(paths)
+    jobs = []
+    for m in methods:
+        if m in PROTOCOL.one_seed_methods:
+            jobs.append((m, selection["kd"], 0))
+        elif m not in selection:
+            sys.exit(f"{m}: no learning rate selected yet (run `select --methods {m}` after its sweep)")
+        else:
+            jobs += [(m, selection[m], s) for s in PROTOCOL.seeds if s != 0]
+    return jobs
+
+
+def read_selection(paths: Paths) -> dict[str, float]:
+    path = paths.out / "selection.json"
+    return json.loads(path.read_text())["learning_rate"] if path.exists() else {}
+
+
+def stage_run(args, paths: Paths, settings: TaskSettings) -> None:
+    from okd.io import write_json
+
+    label = run_label(args.method, args.lr, args.seed)
+    if paths.result(label).exists():
+        print(f"{label}: done")
+        return
+    result = train_run("student", args.method, args.lr, args.seed, paths, settings, threads=args.threads)
+    write_json(paths.result(label), result)
+    commit_results([paths.result(label)], f"decision/{paths.task}: {label} (best validation ROUGE-L {result['best']['rouge_l']:.2f})")
+
+
+def stage_grid(args, paths: Paths, settings: TaskSettings) -> None:
+    """Run a stage's jobs, ``--workers`` at a time, each in its own process with one thread."""
+    jobs = [j for j in plan(args.stage, paths, args.methods) if not paths.result(run_label(*j)).exists()]
+    print(f"{len(jobs)} job(s) to run, {args.workers} at a time", flush=True)
+    running: list[tuple[subprocess.Popen, str]] = []
+    log_dir = paths.work / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    failed = []
+    while jobs or running:
+        while jobs and len(running) < args.workers:
+            method, lr, seed = jobs.pop(0)
+            label = run_label(method, lr, seed)
+            cmd = [sys.executable, __file__, "run", "--task", paths.task, "--runs", str(paths.runs), "--results", str(paths.results),
+                   "--data", settings.data, "--base", str(paths.base),
+                   "--method", method, "--lr", repr(lr), "--seed", str(seed), "--threads", "1"]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            log = open(log_dir / f"{label}.log", "a")
+            print(f"start {label}", flush=True)
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), label))
+        time.sleep(5)
+        for proc, label in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, label))
+                print(f"{'done' if proc.returncode == 0 else 'FAILED'} {label} (exit {proc.returncode})", flush=True)
+                if proc.returncode != 0:
+                    failed.append(label)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (logs in {log_dir})")
+
+
+def stage_select(args, paths: Paths, settings: TaskSettings) -> None:
+    """Each method's learning rate: the best validation score of the seed-0 sweep (validation only)."""
+    from okd.io import write_json
+
+    chosen = read_selection(paths)
+    table = json.loads((paths.out / "selection.json").read_text())["validation_rouge_l"] if chosen else {}
+    for method in args.methods:
+        scores = {}
+        for lr in PROTOCOL.learning_rates:
+            path = paths.result(run_label(method, lr, 0))
+            if path.exists():
+                scores[lr] = json.loads(path.read_text())["best"]["rouge_l"]
+        if len(scores) < len(PROTOCOL.learning_rates):
+            sys.exit(f"select: {method} has {len(scores)} of {len(PROTOCOL.learning_rates)} sweep runs; run the sweep first")
+        chosen[method] = max(scores, key=scores.get)
+        table[method] = {lr_label(lr): s for lr, s in scores.items()}
+    out = paths.out / "selection.json"
+    write_json(out, {"learning_rate": chosen, "validation_rouge_l": table, "rule": "argmax of the seed-0 run's best validation ROUGE-L (2 sampling draws)"})
+    commit_results([out], f"decision/{paths.task}: learning rates selected on validation")
+    for method in args.methods:
+        lr = chosen[method]
+        print(f"{method}: {lr_label(lr)}  {table[method]}")
+
+
+def stage_status(args, paths: Paths, settings: TaskSettings) -> None:
+    done = sorted(p.stem for p in (paths.out / "runs").glob("*.json"))
+    print(f"teacher: {'done' if (paths.out / 'teacher.json').exists() else 'not yet'}; {len(done)} finished run(s)")
+    for label in done:
+        r = json.loads(paths.result(label).read_text())
+        print(f"  {label}: best {r['best']['rouge_l']:.2f} at epoch {r['best']['epoch']:.1f}, {r['train_seconds'] / 3600:.2f} h training, {r['stop_reason']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("teacher", "prepare", "run", "grid", "select", "status"))
+    parser.add_argument("--task", choices=tuple(TASKS), required=True)
+    parser.add_argument("--runs", default="runs/decision", help="models, checkpoints and logs (not committed)")
+    parser.add_argument("--results", default="docs/results/decision", help="per-run results (committed)")
+    parser.add_argument("--data", default=None, help="the task's data directory (default: runs/data/<task>)")
+    parser.add_argument("--base", default="runs/models/base", help="the converted SmolLM2-135M-Instruct (`okd model convert smollm2`)")
+    parser.add_argument("--stage", dest="grid_stage", choices=("sweep", "seeds"), default="sweep")
+    parser.add_argument("--methods", default=",".join(PROTOCOL.methods), help="comma-separated methods of grid / select")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", default="kd")
+    parser.add_argument("--lr", type=float, default=1.5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.stage = args.grid_stage
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in PROTOCOL.methods + PROTOCOL.one_seed_methods]
+    if unknown:
+        sys.exit(f"--methods: unknown {', '.join(unknown)} (the protocol's: {', '.join(PROTOCOL.methods + PROTOCOL.one_seed_methods)})")
+    settings = TASKS[args.task]
+    if args.data:
+        settings = TaskSettings(**{**asdict(settings), "data": args.data})
+    if not (Path(settings.data) / "train.jsonl").exists():
+        sys.exit(f"{settings.data}/train.jsonl not found: build it with `okd data build --task {args.task}` or pass --data")
+    paths = Paths(args.task, Path(args.runs), Path(args.results), Path(args.base))
+    {"teacher": stage_teacher, "prepare": stage_prepare, "run": stage_run, "grid": stage_grid,
+     "select": stage_select, "status": stage_status}[args.command](args, paths, settings)
+
+
+if __name__ == "__main__":
+    main()
