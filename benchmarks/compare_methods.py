@@ -421,7 +421,7 @@ def _pm(row: dict, key: str) -> str:
 
 
 def okd_time_to_quality(table: dict, sgo: list[str]) -> dict | None:
-    """Issue 14's time to quality: the seconds OKD needs to reach the best sampling method's final
+    """Time to quality: the seconds OKD needs to reach the best sampling method's final
     ROUGE-L, over that method's seconds (the paper claims up to 4x less, i.e. a ratio down to 0.25).
 
     Read off the mean curves over seeds (test ROUGE-L at the evaluation steps, the only split scored

@@ -19,7 +19,7 @@ A sampling micro-benchmark (``torch.multinomial`` vs okd's inverse-CDF draw) and
 5. ``decode_loop``: okd's loop itself on one batch (8 prompts, 64 new tokens, T 0.9), in three
    variants, alternating: the concatenating ``DynamicCache`` under ``no_grad`` (the loop before the
    preallocated cache), the preallocated cache under ``no_grad``, and the preallocated cache under
-   ``inference_mode`` (today's); greedy tokens are checked equal across the three.
+   ``inference_mode`` (okd's loop); greedy tokens are checked equal across the three.
 
 Random models rarely emit EOS, so every row uses the whole budget: the numbers are per-token
 decoding cost, the case where the per-step overhead matters most.

@@ -1,4 +1,4 @@
-"""OKD design study (issue 14), toy tier: which online-module design, if any, makes OKD beat plain KD.
+"""OKD design study, toy tier: which online-module design, if any, makes OKD beat plain KD.
 
 Usage:
     python benchmarks/okd_design.py --quick                       # smoke test (2-3 minutes)

@@ -30,7 +30,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def tiny_setting(tmp_path_factory):
-    """Data, tokenizer and a trained tiny teacher for the engine tests (built once per session)."""
+    """Data, tokenizer and a trained tiny teacher for the engine tests (built once per test run)."""
     from engine_helpers import build_setting
 
     return build_setting(tmp_path_factory.mktemp("tiny_setting"))

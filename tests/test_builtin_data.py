@@ -1,6 +1,6 @@
 """Tests for okd.data.builtin: the standard-library docstring dataset.
 
-The dataset is built once per test session (about a second or two); a second, forced build
+The dataset is built once per test run (about a second or two); a second, forced build
 checks that builds are byte-identical.
 """
 

@@ -97,7 +97,7 @@ def test_two_processes_make_the_same_replay_choices(tiny_setting, tmp_path):
 
 def test_two_processes_follow_the_learning_rate_schedule_of_one_process(tiny_setting, tmp_path):
     """The default schedule (cosine with warm-up) advances once per optimizer step whatever the process
-    count: Accelerate's prepared scheduler would step it once per process (issue 12, bug A)."""
+    count: Accelerate's prepared scheduler would step it once per process."""
     from engine_helpers import configs
 
     from okd.training import distill

@@ -148,7 +148,7 @@ def test_teacher_mix_is_a_probability_space_mixture(mix):
     objective = OnlineObjective(OnlineModuleConfig(teacher_mix=mix), "forward_kl")
     target = objective.student_target(teacher, frozen)
     if mix == 0:
-        assert target is teacher  # p_phi unchanged: today's behaviour
+        assert target is teacher  # p_phi unchanged when there is no teacher mix
     else:
         torch.testing.assert_close(target.double().softmax(-1), expected, rtol=1e-5, atol=1e-7)
 

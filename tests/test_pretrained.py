@@ -350,7 +350,7 @@ MISSING_SMOLLM2 = (
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
-    """SmolLM2-135M-Instruct converted once per session (~25 s on 2 CPU cores)."""
+    """SmolLM2-135M-Instruct converted once per test run (~25 s on 2 CPU cores)."""
     if smollm2_gguf_path() is None:
         pytest.fail(MISSING_SMOLLM2)
     return convert("smollm2", str(tmp_path_factory.mktemp("smollm2") / "teacher"))

@@ -1,4 +1,4 @@
-"""What real runs need (issue 16): gradient accumulation, gradient checkpointing, a LoRA student, a
+"""What real runs need: gradient accumulation, gradient checkpointing, a LoRA student, a
 teacher in its own dtype, and the throughput / memory / ETA fields of the metrics."""
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def test_lora_targets_matching_no_module_are_named_in_one_line(tiny_setting, tmp
 def test_divergences_upcast_a_bf16_teacher_beside_an_fp32_student(name):
     """Every divergence computes in float32 per chunk: bf16 teacher logits with fp32 student logits give
     exactly what the teacher's (bf16-rounded) logits give in float32, never a negative value, and close
-    to the all-fp32 value (ms-swift issue 10156: a JSD computed in bf16 went negative)."""
+    to the all-fp32 value (ms-swift #10156: a JSD computed in bf16 went negative)."""
     from okd.divergences import get_divergence
 
     generator = torch.Generator().manual_seed(0)

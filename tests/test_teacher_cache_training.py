@@ -208,8 +208,8 @@ def test_resume_checks_the_cache(tiny_setting, caches, tmp_path):
     assert resumed.step == 6
 
 
-def test_the_commands_of_the_readme(tiny_setting, tmp_path, monkeypatch):
-    """`okd teacher cache ...` then `okd distill --model.teacher_cache DIR ...`, as README shows them."""
+def test_the_commands_of_the_teacher_cache_guide(tiny_setting, tmp_path, monkeypatch):
+    """`okd teacher cache ...` then `okd distill --model.teacher_cache DIR ...`, as docs/guide/teacher-cache.md shows them."""
     from okd.cli import main
 
     s = tiny_setting

@@ -259,7 +259,7 @@ def test_gkd_with_full_on_policy_ratio_never_uses_ground_truth(tiny_setting, tmp
 def test_resume_with_a_smaller_budget_keeps_the_schedule_and_refuses_a_larger_one(tiny_setting, tmp_path):
     """Cosine and linear schedules are functions of train.max_steps: a resumed run keeps the horizon
     of the run that wrote the checkpoint (it stops earlier on the same trajectory), and a budget past
-    that horizon is refused with a one-line error naming train.max_steps (issue 12, bug B)."""
+    that horizon is refused with a one-line error naming train.max_steps."""
 
     def rates(path):
         return [json.loads(line)["learning_rate"] for line in (path / "metrics.jsonl").read_text().splitlines()]

@@ -319,7 +319,7 @@ class DataConfig:
 
     train_file: str = "runs/data/builtin/train.jsonl"
     """Training data: a .jsonl, .json, .parquet or .arrow file, a save_to_disk folder (FOLDER@SPLIT for a
-    DatasetDict), or hub:NAME[:CONFIG][@SPLIT] (read from the local cache when offline). The default
+    DatasetDict), or `hub:NAME[:CONFIG][@SPLIT]` (read from the local cache when offline). The default
     is the built-in data set (`okd data build`)."""
     validation_file: Optional[str] = "runs/data/builtin/validation.jsonl"
     """Validation data for held-out loss and divergence (same kinds as train_file); empty to skip."""

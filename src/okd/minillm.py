@@ -35,8 +35,8 @@ Conventions
   *predicts* token ``t``. The sampler returns this layout with each response starting at column 0; the
   functions also accept any layout whose masked positions are the response (e.g. the shifted training
   layout, prompt masked out), because discounting and length normalisation count only masked positions:
-  the discount is by position *within the response*, never by absolute position (TRL issue 6626), and
-  padding never enters a reward, an advantage, a whitening statistic or a loss (TRL issue 7024).
+  the discount is by position *within the response*, never by absolute position (TRL #6626), and
+  padding never enters a reward, an advantage, a whitening statistic or a loss (TRL #7024).
 * **What is detached.** Rewards, advantages, old log-probs and importance weights are constants
   (computed under ``no_grad`` at sampling time, or detached here). Gradients flow only through the current
   student's log-probs (the surrogate) and the current student's logits (single-step term, LM loss).

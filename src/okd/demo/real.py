@@ -35,8 +35,8 @@ class RealDemoSettings:
     """Sizes and budgets of the real-tier demo, cut to fit 30 minutes on a 2-core CPU from an empty run directory.
 
     Measured costs on that CPU (``benchmarks/results/step_time_real.md``): one kd step of the
-    10-of-30-layer student, batch 8, ~3.8 s (loss-position heads, the default), okd ~4.1 s; issue 13's
-    probe: one sft step of the 135M teacher ~3.4 s. One generation pass over 32 test prompts (24 new
+    10-of-30-layer student, batch 8, ~3.8 s (loss-position heads, the default), okd ~4.1 s; one sft step of
+    the 135M teacher ~3.4 s (timed by hand, no committed result). One generation pass over 32 test prompts (24 new
     tokens) took 6-15 s for that student and about twice that for the teacher. Hence 40 teacher steps,
     30 steps per student, six methods, 32 test examples, two sampling seeds and greedy. The built-in
     prompts are ~54 tokens with the chat template and the answers ~11, so 96 tokens hold the examples

@@ -103,9 +103,7 @@ def write_real_report(results: dict, out: Path) -> Path:
         "",
         f"The demo must finish within 30 minutes on a 2-core CPU from an empty run directory, which leaves "
         f"{s['teacher_steps']} sft steps for the teacher, {s['student_steps']} steps per student, "
-        f"{s['eval_examples']} test examples and one training seed. For scale, issue 13's probe on the same CPU: 150 "
-        "sft steps gave a teacher of 20.1 +- 1.3 ROUGE-L on 150 test examples, and 150 kd steps took the 10-layer "
-        "student from 0.1 to 9.1 +- 0.8. Left out: `seqkd`, `imitkd` and `minillm` (the comparison has them), more "
+        f"{s['eval_examples']} test examples and one training seed. Left out: `seqkd`, `imitkd` and `minillm` (the comparison has them), more "
         "than one training seed, a CE warm-up (\"heal\") of the pruned student before distillation, and other "
         "layer choices than evenly spaced (the `sft` row is the CE-only baseline a warm-up would start from). "
         "With so few steps the students are far from converged: the table shows which methods move a pruned "
