@@ -19,7 +19,7 @@ def test_mkdocs_builds_in_strict_mode(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
          "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "index.html").is_file()
@@ -35,7 +35,7 @@ def test_readme_links_point_at_files_that_exist():
         if re.match(r"[a-z]+://", target) or target.startswith("#"):
             continue
         path = target.split("#", 1)[0]
-        if path and not (ROOT / path).exists() and path != "docs/results/protocol.md":
+        if path and not (ROOT / path).exists():
             missing.append(target)
     assert not missing, f"README links to missing files: {missing}"
 
