@@ -336,8 +336,9 @@ def compare(
     comparisons. Prints a markdown table.
 
     Args:
-        evals: Evaluation JSON files written by okd eval, as NAME=PATH or PATH (the name is then the file's
-            'name' field or its stem); several files with the same name are that method's training seeds.
+        evals: Evaluation JSON files written by okd eval (positional arguments), as NAME=PATH or PATH (the
+            name is then the file's 'name' field or its stem); several files with the same name are that
+            method's training seeds.
         pairs: Comparisons A:B (A minus B), comma-separated, e.g. okd:kd,okd:rkl.
         baseline: Compare every other method with this one (instead of --pairs).
         metric: Per-example score compared.
