@@ -23,7 +23,7 @@ from okd.comparison import (
 from okd.evaluation import example_hash
 
 
-def write_eval(path, name, draws, greedy=None, prompts=None):
+def write_eval(path, name, draws, greedy=None, prompts=None, generation=None):
     """An eval JSON as okd eval writes it: ``draws`` is examples x draws of ROUGE-L scores."""
     draws = np.atleast_2d(np.asarray(draws, dtype=float))
     prompts = prompts or [f"prompt {i}" for i in range(len(draws))]
@@ -36,7 +36,8 @@ def write_eval(path, name, draws, greedy=None, prompts=None):
         if greedy is not None:
             example["greedy"] = {"prediction": "g", "rouge_l": float(greedy[i]), "exact_match": 100.0 * (greedy[i] >= 50)}
         examples.append(example)
-    path.write_text(json.dumps({"format": "okd-eval", "format_version": 1, "name": name, "model": "m", "data": "d.jsonl", "examples": examples}))
+    path.write_text(json.dumps({"format": "okd-eval", "format_version": 1, "name": name, "model": "m", "data": "d.jsonl",
+                                "generation": generation or {"max_new_tokens": 8}, "examples": examples}))
     return str(path)
 
 
@@ -308,3 +309,14 @@ def test_okd_compare_refusal_is_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "a.json and" in lines[0] and "b.json are not over the same examples" in lines[0]
+
+
+def test_different_generation_settings_are_noted(tmp_path, capsys):
+    from okd.cli import main
+
+    a = write_eval(tmp_path / "a.json", "a", [[1.0], [2.0]])
+    b = write_eval(tmp_path / "b.json", "b", [[1.0], [3.0]])
+    assert run_comparison([a, b], n_resamples=200)["notes"] == []
+    c = write_eval(tmp_path / "c.json", "c", [[1.0], [3.0]], generation={"max_new_tokens": 64})
+    main(["compare", a, c, "--n-resamples", "200"])
+    assert "Note: the files were evaluated with different generation settings (2 kinds)." in capsys.readouterr().out

@@ -273,6 +273,11 @@ def run_comparison(
         comparisons.append({"a": a, "b": b, **row})
     for row, adjusted in zip(comparisons, holm([c["p_value"] for c in comparisons])):
         row["p_holm"] = adjusted
+    notes = []
+    for key in ("generation", "max_length"):
+        settings = {json.dumps(r.meta.get(key), sort_keys=True) for r in runs if r.meta.get(key) is not None}
+        if len(settings) > 1:
+            notes.append(f"the files were evaluated with different {key} settings ({len(settings)} kinds)")
     return {
         "format": COMPARE_FORMAT,
         "format_version": 1,
@@ -288,6 +293,7 @@ def run_comparison(
             for name, rs in methods.items()
         },
         "comparisons": comparisons,
+        "notes": notes,
     }
 
 
@@ -311,6 +317,7 @@ def format_table(result: dict) -> str:
             f"| {c['a']} - {c['b']} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | {c['mean_difference']:+.2f} | "
             f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {_p(c['p_value'])} | {_p(c['p_holm'])} | {c['runs_a']}/{c['runs_b']} |"
         )
+    lines.extend(f"\nNote: {note}." for note in result.get("notes", []))
     return "\n".join(lines) + "\n"
 
 
