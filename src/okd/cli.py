@@ -59,7 +59,7 @@ def _report_evaluation(result: dict) -> None:
     print(
         f"ROUGE-L {result['rouge_l_mean']:.2f} +- {result['rouge_l_std']:.2f}, "
         f"exact match {result['exact_match_mean']:.2f} over {result['num_examples']} examples "
-        f"and {len(result['per_seed'])} {'seed(s)' if sampled else 'greedy decoding'}"
+        + (f"and {len(result['per_seed'])} seed(s)" if sampled else "with greedy decoding")
     )
     if sampled and result.get("greedy_rouge_l") is not None:
         print(f"greedy: ROUGE-L {result['greedy_rouge_l']:.2f}, exact match {result['greedy_exact_match']:.2f}")
