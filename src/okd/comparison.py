@@ -212,7 +212,7 @@ def compare_pair(a: np.ndarray, b: np.ndarray, confidence_level: float = 0.95, n
         if np.ptp(difference) == 0:  # every resample gives the same mean: the interval is a point
             low = high = float(difference[0])
         else:
-            ci = stats.bootstrap((per_a, per_b), _mean_difference, paired=True, vectorized=True, n_resamples=n_resamples,
+            ci = stats.bootstrap((per_a, per_b), _mean_difference, paired=True, vectorized=True, n_resamples=n_resamples, batch=1000,
                                  confidence_level=confidence_level, method="percentile", rng=rng).confidence_interval
             low, high = float(ci.low), float(ci.high)
     else:
@@ -224,7 +224,7 @@ def compare_pair(a: np.ndarray, b: np.ndarray, confidence_level: float = 0.95, n
     if np.all(difference == 0):
         p_value = 1.0
     else:
-        test = stats.permutation_test((per_a, per_b), _mean_difference, permutation_type="samples", vectorized=True,
+        test = stats.permutation_test((per_a, per_b), _mean_difference, permutation_type="samples", vectorized=True, batch=1000,
                                       n_resamples=n_resamples, alternative="two-sided", rng=rng)
         p_value = float(test.pvalue)
     return {
