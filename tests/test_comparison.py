@@ -320,3 +320,9 @@ def test_different_generation_settings_are_noted(tmp_path, capsys):
     c = write_eval(tmp_path / "c.json", "c", [[1.0], [3.0]], generation={"max_new_tokens": 64})
     main(["compare", a, c, "--n-resamples", "200"])
     assert "Note: the files were evaluated with different generation settings (2 kinds)." in capsys.readouterr().out
+
+
+def test_the_statistics_module_loads_neither_training_code_nor_torch():
+    code = "import sys, okd.comparison; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('okd.training')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
