@@ -21,7 +21,7 @@ def _okd(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 def test_help_lists_subcommands():
     result = _okd("--help")
     assert result.returncode == 0
-    for name in ("data", "distill", "eval", "demo"):
+    for name in ("data", "distill", "eval", "compare", "demo"):
         assert name in result.stdout
 
 

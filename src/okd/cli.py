@@ -21,6 +21,7 @@ from typing import Literal, Optional
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
 
 from okd import pretrained
+from okd.comparison import compare
 from okd.config import closest
 from okd.evaluation import evaluate
 from okd.teacher_cache import cache_teacher
@@ -54,11 +55,18 @@ def data_build(
 
 
 def _report_evaluation(result: dict) -> None:
+    sampled = result["generation"].get("do_sample", True)
     print(
         f"ROUGE-L {result['rouge_l_mean']:.2f} +- {result['rouge_l_std']:.2f}, "
         f"exact match {result['exact_match_mean']:.2f} over {result['num_examples']} examples "
-        f"and {len(result['per_seed'])} seed(s)"
+        + (f"and {len(result['per_seed'])} seed(s)" if sampled else "with greedy decoding")
     )
+    if sampled and result.get("greedy_rouge_l") is not None:
+        print(f"greedy: ROUGE-L {result['greedy_rouge_l']:.2f}, exact match {result['greedy_exact_match']:.2f}")
+
+
+def _report_comparison(result: dict) -> None:
+    print(result["table"], end="")
 
 
 def printing(function, report):
@@ -161,7 +169,7 @@ class _Parser(ArgumentParser):
 
 
 # Boolean parameters of the subcommands accept the flag alone: `--quick` means `--quick true`.
-FLAGS = ("quick", "force", "overwrite", "resume", "progress")
+FLAGS = ("quick", "force", "overwrite", "resume", "progress", "greedy")
 
 
 def _normalise_option_names(argv: list[str]) -> list[str]:
@@ -187,7 +195,35 @@ def _normalise_option_names(argv: list[str]) -> list[str]:
 
 
 # List-valued options that may be given several times (`--student a --student b`).
-REPEATABLE = {"analyze": ("student",)}
+REPEATABLE = {"analyze": ("student",), "compare": ("evals",)}
+
+
+# Subcommands whose bare (positional) arguments are the values of one option: `okd compare a.json b.json`.
+POSITIONAL = {"compare": "evals"}
+
+
+def _positionals_to_option(argv: list[str]) -> list[str]:
+    """``compare a.json --seed 1 b.json`` -> ``compare --evals a.json --seed 1 --evals b.json``.
+
+    Every option of these subcommands takes a value (bare flags already got theirs from
+    ``_normalise_option_names``), so a token that is neither an option nor an option's value is positional.
+    Runs before ``_collect_repeated``, which gathers the repeated option into one list.
+    """
+    option = POSITIONAL.get(argv[0] if argv else "")
+    if option is None:
+        return argv
+    out, i = argv[:1], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-") and len(arg) > 1:
+            out.append(arg)
+            if "=" not in arg and arg not in ("-h", "--help") and i + 1 < len(argv):
+                out.append(argv[i + 1])
+                i += 1
+        else:
+            out.extend([f"--{option}", arg])
+        i += 1
+    return out
 
 
 def _collect_repeated(argv: list[str]) -> list[str]:
@@ -232,6 +268,7 @@ COMMANDS: dict = {
     "distill": distill,
     "eval": printing(evaluate, _report_evaluation),
     "analyze": analyze,
+    "compare": printing(compare, _report_comparison),
     "demo": demo,
     "model": {"_help": "Real checkpoints for okd.", "convert": pretrained.convert, "shrink": pretrained.shrink},
     "teacher": {"_help": "Teacher tools.", "cache": cache_teacher},
@@ -252,7 +289,8 @@ def _apply_aliases(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = _apply_aliases(_collect_repeated(_normalise_option_names(sys.argv[1:] if argv is None else list(argv))))
+    argv = _normalise_option_names(sys.argv[1:] if argv is None else list(argv))
+    argv = _apply_aliases(_collect_repeated(_positionals_to_option(argv)))
     if argv[:2] == ["model", "convert"] and len(argv) > 2 and not argv[2].startswith("-"):
         argv = [*argv[:2], "--src", *argv[2:]]  # `okd model convert SRC --out DIR`
     try:
