@@ -54,7 +54,7 @@ def restore_training_state(
     """Load a ``training_state`` dict back into the run's objects (this process's source state;
     ``sharded``: a FSDP2 run, whose whole states each process cuts into its shards)."""
     if sharded:
-        from .distributed import load_whole_state_dicts
+        from ..distributed import load_whole_state_dicts
 
         load_whole_state_dicts(student, optimizer, state["student"], state["optimizer"])
     else:
