@@ -3,6 +3,7 @@ checkpoint, and runs killed (SIGKILL) while they write one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from okd.training.checkpoint import (
     decode,
     encode,
     read_meta,
+    read_state,
     resumable_checkpoint,
     verify_checkpoint,
     write_checkpoint,
@@ -144,10 +146,7 @@ def test_the_codec_round_trips_what_training_states_hold_exactly(tmp_path):
 
     # Written and read through the files, the same (tied weights are stored as two tensors).
     write_checkpoint(tmp_path / "checkpoints", 1, state, {"step": 1}, keep=2)
-    checkpoint = resumable_checkpoint(tmp_path)
-    from okd.training.checkpoint import read_state
-
-    read = read_state(checkpoint)
+    read = read_state(resumable_checkpoint(tmp_path))
     assert torch.equal(read["student"]["head.weight"], tied) and read["optimizer"]["state"][0]["step"].item() == 3.0
 
     with pytest.raises(CheckpointError, match=r"^cannot write the checkpoint: object at source.safetensors:0/bad is not"):
@@ -196,7 +195,8 @@ def test_a_forged_checkpoint_with_a_pickle_in_place_of_a_tensor_file_is_refused_
     forged = checkpoint / "student.safetensors"
     torch.save({"weight": _Payload(sentinel)}, forged)
     marker = read_meta(checkpoint)
-    marker["files"]["student.safetensors"] = {"bytes": forged.stat().st_size, "sha256": __import__("hashlib").sha256(forged.read_bytes()).hexdigest()}
+    digest = hashlib.sha256(forged.read_bytes()).hexdigest()
+    marker["files"]["student.safetensors"] = {"bytes": forged.stat().st_size, "sha256": digest}
     marker["sha256"] = _marker_digest(marker)
     (checkpoint / CHECKPOINT_COMPLETE).write_text(json.dumps(marker))
     assert verify_checkpoint(checkpoint)  # the checksums do match

@@ -70,7 +70,9 @@ class _Encoder:
                 return {k: self(v, file, [*path, k]) for k, v in value.items()}
             return {ITEMS: [[self(k, file, [*path, "key"]), self(v, file, [*path, str(k)])] for k, v in value.items()]}
         where = f"{file}:{'/'.join(path)}" if path else file
-        raise CheckpointError(f"cannot write the checkpoint: {type(value).__name__} at {where} is not a tensor, number, string, list or dict")
+        raise CheckpointError(
+            f"cannot write the checkpoint: {type(value).__name__} at {where} is not a tensor, number, string, list or dict"
+        )
 
 
 def encode(state: dict) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:

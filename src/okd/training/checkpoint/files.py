@@ -185,7 +185,8 @@ def resumable_checkpoint(output_dir: str | Path) -> Path | None:
         return path
     if damaged:
         others = f" (and {len(damaged) - 1} older damaged checkpoint(s))" if len(damaged) > 1 else ""
-        raise CheckpointError(f"cannot resume from {Path(output_dir) / 'checkpoints'}: no intact checkpoint; {damaged[0]}{others}")
+        root = Path(output_dir) / "checkpoints"
+        raise CheckpointError(f"cannot resume from {root}: no intact checkpoint; {damaged[0]}{others}")
     return None
 
 
@@ -203,7 +204,8 @@ def read_state(checkpoint: Path, verified: bool = False) -> dict:
             try:
                 tensors[name] = load_file(str(checkpoint / name), device="cpu")
             except (SafetensorError, OSError, ValueError) as error:
-                raise CheckpointError(f"cannot read {checkpoint / name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+                raise CheckpointError(f"cannot read {checkpoint / name}: {reason}") from None
     try:
         document = json.loads((checkpoint / STATE_JSON).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
