@@ -149,6 +149,12 @@ def test_the_codec_round_trips_what_training_states_hold_exactly(tmp_path):
     read = read_state(resumable_checkpoint(tmp_path))
     assert torch.equal(read["student"]["head.weight"], tied) and read["optimizer"]["state"][0]["step"].item() == 3.0
 
+    # The CUDA RNG states (one per device, as on a GPU machine): uint8 tensors keyed by device.
+    cuda = [torch.randint(0, 256, (16,), dtype=torch.uint8) for _ in range(2)]
+    tree, files = encode({"rng": {"torch": torch.get_rng_state(), "cuda": cuda}})
+    assert sorted(files["rng.safetensors"]) == ["cuda/0", "cuda/1", "torch"]
+    assert all(torch.equal(a, b) for a, b in zip(decode(json.loads(json.dumps(tree)), files)["rng"]["cuda"], cuda))
+
     with pytest.raises(CheckpointError, match=r"^cannot write the checkpoint: object at source.safetensors:0/bad is not"):
         encode({"source": [{"bad": object()}]})
 
