@@ -270,6 +270,8 @@ def test_no_intact_checkpoint_stops_with_one_line_naming_the_damaged_file(tiny_s
 
 
 def test_on_the_command_line_a_damaged_checkpoint_is_one_warning_line_and_none_intact_one_error_line(tiny_setting, tmp_path):
+    """`okd distill --resume`: a skipped incomplete checkpoint and a damaged one are one warning line
+    each and the run finishes; with no intact checkpoint left, one error line and exit status 2."""
     okd = Path(sys.executable).with_name("okd")
     out = tmp_path / "run"
     command = [
@@ -282,11 +284,18 @@ def test_on_the_command_line_a_damaged_checkpoint_is_one_warning_line_and_none_i
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert subprocess.run(command, capture_output=True, text=True, timeout=300, env=env).returncode == 0
     _flip_a_bit(out / "checkpoints" / "step-00000004" / "student.safetensors")
+    incomplete = out / "checkpoints" / "step-00000005"  # no completion marker
+    incomplete.mkdir()
+    (incomplete / "state.json").write_text("{")
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    damaged = [line for line in resumed.stderr.splitlines() if "damaged" in line]
+    lines = resumed.stderr.splitlines()
+    assert f"okd: warning: ignoring incomplete checkpoint {incomplete}" in lines, resumed.stderr[-2000:]
+    assert not any("UserWarning" in line or "warnings.warn" in line for line in lines), resumed.stderr[-2000:]
+    damaged = [line for line in lines if "damaged" in line]
     assert len(damaged) == 1 and "step-00000004/student.safetensors is damaged" in damaged[0], resumed.stderr[-2000:]
     assert "resuming from the intact" in damaged[0] and "step-00000002" in damaged[0]
+    shutil.rmtree(incomplete)
 
     for checkpoint in (out / "checkpoints").iterdir():
         _truncate(checkpoint / "rng.safetensors")

@@ -16,6 +16,7 @@ import json as _json
 import os
 import re
 import sys
+import warnings
 from typing import Literal
 
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
@@ -240,8 +241,20 @@ def _apply_aliases(argv: list[str]) -> list[str]:
     return out
 
 
+_OKD_DIR = os.path.dirname(os.path.abspath(__file__))
+_format_warning = warnings.formatwarning
+
+
+def _one_line_okd_warning(message, category, filename, lineno, line=None) -> str:
+    """okd's own warnings (an incomplete checkpoint skipped on resume) as one line; others as Python shows them."""
+    if os.path.abspath(filename).startswith(_OKD_DIR + os.sep):
+        return f"okd: warning: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.formatwarning = _one_line_okd_warning
     argv = _apply_aliases(_collect_repeated(_normalise_option_names(sys.argv[1:] if argv is None else list(argv))))
     if argv[:2] == ["model", "convert"] and len(argv) > 2 and not argv[2].startswith("-"):
         argv = [*argv[:2], "--src", *argv[2:]]  # `okd model convert SRC --out DIR`
