@@ -16,6 +16,7 @@ import json as _json
 import os
 import re
 import sys
+import warnings
 from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
@@ -287,8 +288,20 @@ def _apply_aliases(argv: list[str]) -> list[str]:
     return out
 
 
+_OKD_DIR = os.path.dirname(os.path.abspath(__file__))
+_format_warning = warnings.formatwarning
+
+
+def _one_line_okd_warning(message, category, filename, lineno, line=None) -> str:
+    """okd's own warnings (an incomplete checkpoint skipped on resume) as one line; others as Python shows them."""
+    if os.path.abspath(filename).startswith(_OKD_DIR + os.sep):
+        return f"okd: warning: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.formatwarning = _one_line_okd_warning
     argv = _normalise_option_names(sys.argv[1:] if argv is None else list(argv))
     argv = _apply_aliases(_collect_repeated(_positionals_to_option(argv)))
     if argv[:2] == ["model", "convert"] and len(argv) > 2 and not argv[2].startswith("-"):

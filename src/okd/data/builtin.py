@@ -83,7 +83,7 @@ DENY_MODULES = {
     "turtle": "GUI (imports tkinter)",
     "turtledemo": "GUI demos",
     "test": "CPython's own regression tests",
-    "lib2to3": "deprecated; may write grammar pickle files next to itself on import",
+    "lib2to3": "deprecated; may write grammar cache files next to itself on import",
     "encodings": "codec tables: ~120 modules whose few docstrings are copies of each other",
     "distutils": "deprecated; setuptools replaces it with its own copy, so the result would "
     "depend on the installed setuptools",

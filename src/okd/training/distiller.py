@@ -155,7 +155,8 @@ class Distiller:
             self.run_config["sharding"] = self.sharding
         if self.teacher_cache is not None:  # --resume refuses another cache (or a rebuilt one)
             self.run_config["teacher_cache"] = cache_identity(self.teacher_cache)
-        resume_from = ckpt.latest_checkpoint(self.output) if config.resume else None
+        # The newest checkpoint whose files match their checksums (a damaged newer one: a warning).
+        resume_from = ckpt.resumable_checkpoint(self.output) if config.resume else None
         resume_meta = ckpt.read_meta(resume_from) if resume_from is not None else None
         if resume_meta is not None and "run_config" in resume_meta:  # older checkpoints carry no config
             ckpt.check_same_run(resume_meta["run_config"], ckpt.flatten_run_config(self.run_config), resume_from)
@@ -188,7 +189,7 @@ class Distiller:
         self.nonfinite_steps_skipped = 0
         self.interrupted = False
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
+            self.load_checkpoint(resume_from, verified=True)
         elif config.resume and accelerator.is_main_process and (self.output / "metrics.jsonl").exists():
             (self.output / "metrics.jsonl").unlink()  # nothing to resume from: start over
 
@@ -427,10 +428,11 @@ class Distiller:
         accelerator.wait_for_everyone()
         return root / f"step-{self.step:08d}"
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore a checkpoint written by ``save_checkpoint`` (on every process)."""
+    def load_checkpoint(self, path: str | Path, verified: bool = False) -> None:
+        """Restore a checkpoint written by ``save_checkpoint`` (on every process). Its files are
+        checked against their checksums first, unless ``verified`` says that was just done."""
         path = Path(path)
-        state, meta = ckpt.read_state(path), ckpt.read_meta(path)
+        state, meta = ckpt.read_state(path, verified=verified), ckpt.read_meta(path)
         if "run_config" in meta:  # checkpoints from before this check carry no config
             ckpt.check_same_run(meta["run_config"], ckpt.flatten_run_config(self.run_config), path)
         ckpt.restore_training_state(

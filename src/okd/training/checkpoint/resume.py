@@ -1,35 +1,19 @@
-"""Checkpoints: their format, writing and reading them, and the check that a resume is the same run.
+"""What a checkpoint holds and the checks that a resume is the same run.
 
-A checkpoint is a directory ``output_dir/checkpoints/step-NNNNNNNN/`` holding
-
-* ``state.pt``: ``{"student", "optimizer", "scheduler", "module", "module_optimizer", "source",
-  "rng"}``: the student's weights, the optimizer and schedule states, the online module and its
-  optimizer (None without OKD), one source state per process (generation-based sources differ by
-  rank) and the global RNG states (``{"torch", "cuda"}``);
-* ``checkpoint_complete.json``: ``{"step", "train_seconds", "final_metrics",
-  "nonfinite_steps_skipped", "schedule_horizon", "run_config"}``, written last: a checkpoint counts
-  only if it exists.
-
-The directory is filled under a hidden name and renamed into place (``okd.io.atomic_directory``), so
-a crash mid-write never leaves a checkpoint that looks complete, nor harms the previous one. The
-format is the one of okd 0.1 (checkpoints written before ``schedule_horizon`` existed resume with
-the ``train.max_steps`` of their ``run_config``).
+``training_state`` gathers the state of a run (the dict that ``files.write_checkpoint`` stores),
+``restore_training_state`` puts it back; ``check_same_run`` refuses a resume with changed settings
+and ``schedule_horizon`` keeps the learning-rate schedule of the run that wrote the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
 from okd.config import TrainConfig
-from okd.io import atomic_directory, write_text
-
-CHECKPOINT_COMPLETE = "checkpoint_complete.json"
-STATE_FILE = "state.pt"
+from okd.io import write_text
 
 # Settings a resumed run may change: they do not alter the training trajectory (a changed
 # train.max_steps keeps the schedule's horizon, see ``schedule_horizon``).
@@ -48,46 +32,8 @@ ADDED_FIELD_DEFAULTS = {
 }
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint in ``output_dir/checkpoints`` (None if there is none).
-
-    A checkpoint counts only if its completion marker exists; incomplete ones are skipped with a
-    warning.
-    """
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    complete = []
-    for path in sorted(root.glob("step-*")):
-        if (path / CHECKPOINT_COMPLETE).exists():
-            complete.append(path)
-        else:
-            warnings.warn(f"ignoring incomplete checkpoint {path}")
-    return complete[-1] if complete else None
-
-
-def read_meta(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint) / CHECKPOINT_COMPLETE).read_text())
-
-
-def read_state(checkpoint: Path) -> dict:
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
-
-
-def write_checkpoint(root: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
-    """Write ``root/step-NNNNNNNN`` atomically (the marker last), then keep only the newest ``keep``."""
-    final = Path(root) / f"step-{step:08d}"
-    with atomic_directory(final) as tmp:
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / CHECKPOINT_COMPLETE).write_text(json.dumps(meta) + "\n")
-    kept = sorted(p for p in Path(root).glob("step-*") if (p / CHECKPOINT_COMPLETE).exists())
-    for old in kept[: max(len(kept) - keep, 0)]:
-        shutil.rmtree(old)
-    return final
-
-
 def training_state(student, optimizer, scheduler, teacher, module_optimizer, source_states: list, whole=None) -> dict:
-    """The ``state.pt`` dict (``teacher``: the Teacher whose online module is saved, or None;
+    """The state a checkpoint stores (``teacher``: the Teacher whose online module is saved, or None;
     ``whole``: the student's and optimizer's states gathered from a sharded run, see
     ``okd.training.distributed.whole_state_dicts``)."""
     student_state, optimizer_state = whole or (student.state_dict(), optimizer.state_dict())
@@ -108,7 +54,7 @@ def restore_training_state(
     """Load a ``training_state`` dict back into the run's objects (this process's source state;
     ``sharded``: a FSDP2 run, whose whole states each process cuts into its shards)."""
     if sharded:
-        from .distributed import load_whole_state_dicts
+        from ..distributed import load_whole_state_dicts
 
         load_whole_state_dicts(student, optimizer, state["student"], state["optimizer"])
     else:
@@ -123,10 +69,12 @@ def restore_training_state(
 
 
 def rng_state() -> dict:
+    """The global RNG states: ``{"torch": uint8 tensor, "cuda": [uint8 tensor per device] or None}``."""
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def restore_rng(state: dict) -> None:
+    """Inverse of :func:`rng_state` (the CUDA states only where CUDA is available)."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
