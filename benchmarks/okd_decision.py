@@ -10,6 +10,7 @@ half-epoch checkpoint of a run that was cut off. Results of finished runs are wr
     python benchmarks/okd_decision.py grid --task builtin --stage sweep --workers 2
     python benchmarks/okd_decision.py select --task builtin         # learning rates chosen on validation only
     python benchmarks/okd_decision.py grid --task builtin --stage seeds --workers 2
+    python benchmarks/okd_decision.py test --task builtin --methods kd,okd   # once, after selection
     python benchmarks/okd_decision.py status --task builtin
 
 A run trains in segments of half an epoch; after each segment the student is scored on the whole
@@ -233,8 +234,8 @@ def train_run(kind: str, method: str, lr: float, seed: int, paths: Paths, settin
     if progress["best"] and progress["best"]["step"] > distiller.step:
         progress["best"] = max(progress["curve"], key=lambda p: p["rouge_l"], default=None)
     validation = InstructionDataset(read_jsonl(str(data / "validation.jsonl"), tokenizer=distiller.tokenizer), distiller.tokenizer, settings.max_length)
-    stop_reason = "epoch budget"
-    while distiller.step < horizon:
+    stop_reason = progress.get("stop_reason", "epoch budget")
+    while distiller.step < horizon and "stop_reason" not in progress:
         distiller.train_config.max_steps = min(distiller.step + segment, horizon)
         distiller.train()
         if distiller.interrupted:
@@ -252,14 +253,14 @@ def train_run(kind: str, method: str, lr: float, seed: int, paths: Paths, settin
             save_model_atomic(student, distiller.tokenizer, run_dir / "best_student")
             if distiller.online_config is not None:
                 distiller.teacher.save_module(run_dir / "best_online_module")
-        distiller.save_checkpoint()
-        write_json(progress_file, progress)
-        print(f"{label}: step {point['step']} (epoch {point['epoch']:.2f}) validation ROUGE-L {point['rouge_l']:.2f} "
-              f"greedy {point['greedy_rouge_l']:.2f} ({point['train_seconds']:.0f} s training)", flush=True)
         since_best = sum(1 for p in progress["curve"] if p["step"] > progress["best"]["step"])
         if point["epoch"] >= PROTOCOL.min_epochs - 1e-9 and since_best >= PROTOCOL.patience:
-            stop_reason = f"no better validation score in {PROTOCOL.patience} evaluations"
-            break
+            progress["stop_reason"] = stop_reason = f"no better validation score in {PROTOCOL.patience} evaluations"
+        # The progress file first: a kill between the two writes recomputes this point from the earlier checkpoint.
+        write_json(progress_file, progress)
+        distiller.save_checkpoint()
+        print(f"{label}: step {point['step']} (epoch {point['epoch']:.2f}) validation ROUGE-L {point['rouge_l']:.2f} "
+              f"greedy {point['greedy_rouge_l']:.2f} ({point['train_seconds']:.0f} s training)", flush=True)
     result = {
         "task": paths.task, "kind": kind, "method": method, "learning_rate": lr, "seed": seed, "label": label,
         "best": progress["best"], "curve": progress["curve"], "stop_reason": stop_reason,
@@ -270,11 +271,21 @@ def train_run(kind: str, method: str, lr: float, seed: int, paths: Paths, settin
         "commit": git_commit(),
     }
     if kind == "teacher":
-        adapter = paths.out / "teacher_adapter"
-        if adapter.exists():
-            shutil.rmtree(adapter)
-        shutil.copytree(run_dir / "best_student", adapter)
+        publish_adapter(run_dir / "best_student", paths.out / "teacher_adapter")
     return result
+
+
+def publish_adapter(best: Path, adapter: Path) -> None:
+    """The teacher's LoRA adapter as committed: its weights and config (the base named, not its path)."""
+    from okd.io import write_json
+
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    adapter.mkdir(parents=True)
+    shutil.copy2(best / "adapter_model.safetensors", adapter / "adapter_model.safetensors")
+    config = json.loads((best / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "SmolLM2-135M-Instruct (okd model convert smollm2)"
+    write_json(adapter / "adapter_config.json", config)
 
 
 def build_teacher(paths: Paths) -> Path:
@@ -428,6 +439,54 @@ def stage_select(args, paths: Paths, settings: TaskSettings) -> None:
         print(f"{method}: {lr_label(lr)}  {table[method]}")
 
 
+def test_runs(paths: Paths, methods: list[str]) -> list[tuple[str, float, int]]:
+    """The runs whose students are scored on test: each method's selected rate at its seeds."""
+    selection = read_selection(paths)
+    runs = []
+    for m in methods:
+        if m in PROTOCOL.one_seed_methods:
+            runs.append((m, selection["kd"], 0))
+        elif m not in selection:
+            sys.exit(f"test: {m} has no selected learning rate yet; its test scores wait for its selection")
+        else:
+            runs += [(m, selection[m], s) for s in PROTOCOL.seeds]
+    missing = [run_label(*r) for r in runs if not paths.result(run_label(*r)).exists()]
+    if missing:
+        sys.exit(f"test: not trained yet: {', '.join(missing)}; test scores wait until every seed of a method is trained")
+    return runs
+
+
+def stage_test(args, paths: Paths, settings: TaskSettings) -> None:
+    """Score each selected run's best-validation student once on the whole test split (greedy and the
+    protocol's sampling draws, per example). A student no longer on disk is trained again first; its
+    validation curve must equal the committed one."""
+    import torch
+
+    from okd.evaluation import GenerationConfig, evaluate
+
+    torch.set_num_threads(args.threads)
+    for method, lr, seed in test_runs(paths, args.methods):
+        label = run_label(method, lr, seed)
+        out = paths.out / "test" / f"{label}.json"
+        if out.exists():
+            print(f"{label}: test scores exist ({out}); not recomputed")
+            continue
+        best = paths.run_dir(label) / "best_student"
+        if not (best / "config.json").exists():
+            committed = json.loads(paths.result(label).read_text())
+            shutil.rmtree(paths.run_dir(label), ignore_errors=True)
+            print(f"{label}: student not on disk; training it again", flush=True)
+            again = train_run("student", method, lr, seed, paths, settings, threads=args.threads)
+            same = [round(a["rouge_l"], 6) for a in again["curve"]] == [round(b["rouge_l"], 6) for b in committed["curve"]]
+            if not same:
+                sys.exit(f"{label}: the repeated run's validation curve differs from the committed one; not scored (see docs/results/protocol.md)")
+        evaluate(model=str(best), data=str(Path(settings.data) / "test.jsonl"), seeds=str(PROTOCOL.test_draws[0]),
+                 samples=len(PROTOCOL.test_draws), greedy=True, name=method, json_out=str(out), max_length=settings.max_length,
+                 generation=GenerationConfig(max_new_tokens=settings.max_new_tokens, batch_size=32), progress=False)
+        commit_results([out], f"decision/{paths.task}: test scores of {label} (greedy + {len(PROTOCOL.test_draws)} draws, per example)")
+        print(f"{label}: test scores in {out}", flush=True)
+
+
 def stage_status(args, paths: Paths, settings: TaskSettings) -> None:
     done = sorted(p.stem for p in (paths.out / "runs").glob("*.json"))
     print(f"teacher: {'done' if (paths.out / 'teacher.json').exists() else 'not yet'}; {len(done)} finished run(s)")
@@ -438,7 +497,7 @@ def stage_status(args, paths: Paths, settings: TaskSettings) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("teacher", "prepare", "run", "grid", "select", "status"))
+    parser.add_argument("command", choices=("teacher", "prepare", "run", "grid", "select", "test", "status"))
     parser.add_argument("--task", choices=tuple(TASKS), required=True)
     parser.add_argument("--runs", default="runs/decision", help="models, checkpoints and logs (not committed)")
     parser.add_argument("--results", default="docs/results/decision", help="per-run results (committed)")
@@ -464,7 +523,7 @@ def main() -> None:
         sys.exit(f"{settings.data}/train.jsonl not found: build it with `okd data build --task {args.task}` or pass --data")
     paths = Paths(args.task, Path(args.runs), Path(args.results), Path(args.base))
     {"teacher": stage_teacher, "prepare": stage_prepare, "run": stage_run, "grid": stage_grid,
-     "select": stage_select, "status": stage_status}[args.command](args, paths, settings)
+     "select": stage_select, "test": stage_test, "status": stage_status}[args.command](args, paths, settings)
 
 
 if __name__ == "__main__":
