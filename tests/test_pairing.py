@@ -13,7 +13,7 @@ from engine_helpers import configs
 
 from okd.training import Distiller
 
-STEPS = 5
+STEPS = 4
 
 
 def _batches_and_student(setting, tmp_path, method, seed):
@@ -35,7 +35,7 @@ def _batches_and_student(setting, tmp_path, method, seed):
     return seen, start
 
 
-@pytest.mark.parametrize("other", ["okd", "rkl", "sft"])
+@pytest.mark.parametrize("other", ["okd", "sft"])
 def test_methods_at_one_seed_see_the_same_batches_from_the_same_student(tiny_setting, tmp_path, other):
     kd_batches, kd_start = _batches_and_student(tiny_setting, tmp_path, "kd", seed=3)
     other_batches, other_start = _batches_and_student(tiny_setting, tmp_path, other, seed=3)
