@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per response in evaluation")
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--max-examples", type=int, default=None, help="evaluate the first N examples of each test set (a quick check)")
+    parser.add_argument("--distill-args", default="", help="more okd distill options for every training run, e.g. "
+                        "'--train.max_steps 20' for a smoke test (they come last, so they win)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and run none")
     args = parser.parse_args(argv)
     args.methods = _names(args.methods, METHODS, "methods")
@@ -104,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         needed = STARTS_FROM.get(name)
         if needed and needed not in args.methods and "students" in args.steps:
             raise RecipeError(f"--methods: {name} starts from the {needed} student; add {needed}")
+    try:
+        args.distill_args = shlex.split(args.distill_args)
+    except ValueError as error:
+        raise RecipeError(f"--distill-args: {error}") from None
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -200,14 +206,16 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], Path]]:
     teacher = teacher_run / "student"
     if "teacher" in args.steps:
         steps.append(("teacher", _okd("distill", "--config", CONFIGS / "teacher_sft.yaml", "--model.student", args.teacher_base,
-                                      *files, "--output-dir", teacher_run, *_run_state(teacher_run)), teacher / "config.json"))
+                                      *files, *args.distill_args, "--output-dir", teacher_run, *_run_state(teacher_run)),
+                      teacher / "config.json"))
     if "students" in args.steps:
         for method in args.methods:
             run = students / method
             start = students / STARTS_FROM[method] / "student" if method in STARTS_FROM else args.student_base
             configs = [a for path in method_configs(method) for a in ("--config", path)]
             steps.append((f"student {method}", _okd("distill", *configs, "--method.name", method, "--model.teacher", teacher,
-                                                    "--model.student", start, *files, "--output-dir", run, *_run_state(run)),
+                                                    "--model.student", start, *files, *args.distill_args, "--output-dir", run,
+                                                    *_run_state(run)),
                           run / "student" / "config.json"))
     models = {"teacher": teacher, **{m: students / m / "student" for m in args.methods}}
     if "evaluate" in args.steps:
@@ -234,9 +242,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], Path]]:
 
 def check_configs(args: argparse.Namespace) -> None:
     """Load every run's config as okd distill will (a typo fails here, before hours of GPU time)."""
-    load_config([CONFIGS / "teacher_sft.yaml"], ["--model.student", args.teacher_base])
+    load_config([CONFIGS / "teacher_sft.yaml"], ["--model.student", args.teacher_base, *args.distill_args])
     for method in args.methods:
-        load_config(method_configs(method), ["--method.name", method])
+        load_config(method_configs(method), ["--method.name", method, *args.distill_args])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -151,3 +151,16 @@ def test_prepare_writes_okd_jsonl(recipe, tmp_path, capsys):
     line = _one_line_error(capsys, recipe.main(["prepare", "--data-root", str(root), "--out", str(tmp_path / "d2"), "--test-sets", "dolly"]))
     assert "dolly/valid.jsonl, line 1: no 'prompt' and no 'instruction'" in line
     assert not (tmp_path / "d2").exists()  # nothing written when a file is broken
+
+
+def test_distill_args_reach_every_training_run_and_are_checked(recipe, tmp_path, capsys, nothing_runs, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = _data_root(recipe, tmp_path / "root")
+    extra = ["--data-root", str(root), "--dry-run", "--out", "out", "--test-sets", "dolly", "--methods", "sft,okd"]
+    assert recipe.main([*extra, "--distill-args", "--train.max_steps 20 --train.mixed_precision no"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("# ")]
+    distills = [line for line in lines if " distill " in line]
+    assert len(distills) == 3 and all("--train.max_steps 20 --train.mixed_precision no --output-dir" in line for line in distills)
+    assert not any("max_steps" in line for line in lines if " distill " not in line)
+    line = _one_line_error(capsys, recipe.main([*extra, "--distill-args", "--train.max_stepz 20"]))
+    assert "teacher_sft.yaml" in line
