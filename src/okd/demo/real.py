@@ -7,7 +7,9 @@
 4. make a pretrained student by keeping some of the teacher's layers (``okd.pretrained.shrink``);
 5. distil that student with each method, same data, steps and seed (``okd.training.distill``);
 6. evaluate the teacher, the student before distillation and every distilled student (ROUGE-L over
-   sampling seeds, and greedy), and write ``report.md``, ``results.json``, plots and samples.
+   sampling seeds, and greedy), keep every model's per-example scores (``eval-<model>.json``, the
+   format of ``okd eval``), compute the paired differences between methods (``okd.demo.paired``) and
+   write ``report.md``, ``results.json``, plots and samples.
 
 Every step uses the public API, so the demo is also a worked example of it.
 """
@@ -158,41 +160,59 @@ def _fine_tune_teacher(settings: RealDemoSettings, base: Path, data: DataConfig,
 
 
 def evaluate_dir(model_dir: Path, test_set, settings: RealDemoSettings, name: str) -> dict:
-    """Score one model: ROUGE-L / exact match over the sampling seeds (temperature 1), and greedy."""
+    """Score one model: ROUGE-L / exact match over the sampling seeds (temperature 1), and greedy.
+
+    ``evaluation`` is the whole ``EvalResult.to_dict()``, per-example scores included (what the model's
+    ``eval-<name>.json`` holds); the other keys are the summary that ``results.json`` keeps."""
     from okd.evaluation import GenerationConfig, evaluate_model
     from okd.models import count_parameters, load_model, load_tokenizer
 
     start = time.perf_counter()
     model = load_model(str(model_dir))
     tokenizer = load_tokenizer(str(model_dir))
-    common = dict(max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size)
     print(f"evaluating {name}: {len(settings.eval_seeds)} sampling seeds + greedy on {len(test_set)} examples", flush=True)
-    sampled = evaluate_model(model, tokenizer, test_set, settings.eval_seeds, GenerationConfig(do_sample=True, temperature=1.0, **common))
-    greedy = evaluate_model(model, tokenizer, test_set, [0], GenerationConfig(do_sample=False, **common))
+    config = GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size)
+    result = evaluate_model(model, tokenizer, test_set, settings.eval_seeds, config, greedy=True)
+    greedy_samples = [
+        {"prompt": e["prompt"], "reference": e["reference"], "prediction": e["greedy"]["prediction"]} for e in result.examples[:3]
+    ]
     return {
         "parameters": count_parameters(model),
-        "rouge_l_mean": sampled.rouge_l_mean,
-        "rouge_l_std": sampled.rouge_l_std,
-        "rouge_l_per_seed": {str(s["seed"]): s["rouge_l"] for s in sampled.per_seed},
-        "exact_match_mean": sampled.exact_match_mean,
-        "greedy_rouge_l": greedy.rouge_l_mean,
-        "greedy_exact_match": greedy.exact_match_mean,
-        "greedy_samples": greedy.per_seed[0]["samples"],
-        "sampled_samples": sampled.per_seed[0]["samples"],
+        "rouge_l_mean": result.rouge_l_mean,
+        "rouge_l_std": result.rouge_l_std,
+        "rouge_l_per_seed": {str(s["seed"]): s["rouge_l"] for s in result.per_seed},
+        "exact_match_mean": result.exact_match_mean,
+        "greedy_rouge_l": result.greedy_rouge_l,
+        "greedy_exact_match": result.greedy_exact_match,
+        "greedy_samples": greedy_samples,
+        "sampled_samples": result.per_seed[0]["samples"],
         "eval_seconds": time.perf_counter() - start,
+        "evaluation": result.to_dict(),
     }
 
 
+def _has_examples(scores) -> bool:
+    """Whether cached scores hold the per-example evaluation (caches written before it existed do not)."""
+    evaluation = scores.get("evaluation") if isinstance(scores, dict) else None
+    return isinstance(evaluation, dict) and bool(evaluation.get("examples"))
+
+
 def _evaluate_cached(model_dir: Path, test_set, settings: RealDemoSettings, name: str, key: str, log) -> dict:
-    """``evaluate_dir``, reused from ``<model_dir>_eval.json`` when the model and eval settings match."""
+    """``evaluate_dir``, reused from ``<model_dir>_eval.json`` when the model and eval settings match and
+    the cache holds the per-example scores (an older cache without them is recomputed)."""
     from okd.io import write_json
 
     cache = model_dir.with_name(model_dir.name + "_eval.json")
     if cache.exists():
-        stored = json.loads(cache.read_text())
-        if stored.get("key") == key:
+        try:
+            stored = json.loads(cache.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            stored = {}
+        if isinstance(stored, dict) and stored.get("key") == key and _has_examples(stored.get("scores")):
             log(f"{name}: reusing its scores ({cache.name})")
             return {**stored["scores"], "eval_cached": True}
+        if isinstance(stored, dict) and stored.get("key") == key:
+            log(f"{name}: its cached scores have no per-example scores; scoring again")
     scores = evaluate_dir(model_dir, test_set, settings, name)
     write_json(cache, {"key": key, "scores": scores})
     return {**scores, "eval_cached": False}
@@ -261,7 +281,8 @@ def run_real_demo(output_dir: str = "runs/demo", methods: list[str] | None = Non
     """Run the real-tier demo and return its results (also written to ``output_dir/results.json``)."""
     from okd.data import InstructionDataset, ensure_pad_token, read_jsonl
     from okd.data.builtin import build_builtin_dataset
-    from okd.demo.report import plot_real, write_real_report
+    from okd.demo.paired import paired_statistics, write_eval_file
+    from okd.demo.report import BEFORE, plot_real, write_real_report
     from okd.models import load_tokenizer
     from okd.pretrained import convert, shrink
 
@@ -313,14 +334,24 @@ def run_real_demo(output_dir: str = "runs/demo", methods: list[str] | None = Non
         "teacher_key": t_key,
         "models": {},
     }
-    teacher = timed("eval_teacher", _evaluate_cached, teacher_dir, test_set, settings, "teacher", eval_key(settings, t_key), log)
+    results["eval_files"] = {}
+
+    def keep(name: str, model_dir, entry: dict) -> dict:
+        """Write the model's per-example scores next to results.json; results.json keeps the summary."""
+        entry = dict(entry)
+        evaluation = entry.pop("evaluation")
+        path = write_eval_file(out, name, evaluation, model_dir, paths["test"], settings.max_length, settings.eval_examples)
+        results["eval_files"][name] = path.name
+        return entry
+
+    teacher = keep("teacher", teacher_dir, timed("eval_teacher", _evaluate_cached, teacher_dir, test_set, settings, "teacher", eval_key(settings, t_key), log))
     results["models"]["teacher"] = {**teacher, "train_seconds": teacher_summary["train_seconds"], "steps": teacher_summary["steps"], "cached": teacher_summary["cached"]}
     log(f"teacher: ROUGE-L {teacher['rouge_l_mean']:.2f} +- {teacher['rouge_l_std']:.2f}, greedy {teacher['greedy_rouge_l']:.2f}")
 
     student_dir = timed("shrink", shrink, str(teacher_dir), str(out / "models" / f"student-{settings.student_layers}l"), layers=settings.student_layers)
     results["student_layers_kept"] = json.loads((student_dir / "okd_manifest.json").read_text())["keep"]
-    before = timed("eval_student_before", _evaluate_cached, student_dir, test_set, settings, "student before distillation", eval_key(settings, fingerprint([t_key, results["student_layers_kept"]])), log)
-    results["models"]["student (before)"] = {**before, "train_seconds": 0.0, "steps": 0}
+    before = keep(BEFORE, student_dir, timed("eval_student_before", _evaluate_cached, student_dir, test_set, settings, "student before distillation", eval_key(settings, fingerprint([t_key, results["student_layers_kept"]])), log))
+    results["models"][BEFORE] = {**before, "train_seconds": 0.0, "steps": 0}
     log(f"student before distillation: ROUGE-L {before['rouge_l_mean']:.2f}, greedy {before['greedy_rouge_l']:.2f}")
 
     jobs = [(name, settings, str(teacher_dir), str(student_dir), data, str(paths["test"]), str(out)) for name in methods]
@@ -332,7 +363,7 @@ def run_real_demo(output_dir: str = "runs/demo", methods: list[str] | None = Non
         with ProcessPoolExecutor(min(settings.workers, len(methods)), mp_context=multiprocessing.get_context("spawn")) as pool:
             finished = pool.map(_distil_and_score, jobs)
             for name, entry, stage_seconds in finished:
-                results["models"][name] = entry
+                results["models"][name] = entry = keep(name, out / "methods" / name / "student", entry)
                 timings.update(stage_seconds)
                 log(f"{name}: ROUGE-L {entry['rouge_l_mean']:.2f} +- {entry['rouge_l_std']:.2f}, greedy {entry['greedy_rouge_l']:.2f}")
                 write_json(out / "results.json", results)  # a partial table survives an interrupted run
@@ -340,11 +371,12 @@ def run_real_demo(output_dir: str = "runs/demo", methods: list[str] | None = Non
         for job in jobs:
             log(f"{job[0]}: distilling the {settings.student_layers}-layer student for {settings.student_steps} steps")
             name, entry, stage_seconds = _distil_and_score(job)
-            results["models"][name] = entry
+            results["models"][name] = entry = keep(name, out / "methods" / name / "student", entry)
             timings.update(stage_seconds)
             log(f"{name}: ROUGE-L {entry['rouge_l_mean']:.2f} +- {entry['rouge_l_std']:.2f}, greedy {entry['greedy_rouge_l']:.2f}")
             write_json(out / "results.json", results)
 
+    results["paired"] = timed("paired_statistics", paired_statistics, out, results["eval_files"], methods)
     results["timings"] = timings
     results["total_seconds"] = time.perf_counter() - started
     results["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}

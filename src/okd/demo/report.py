@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from okd.demo.paired import paired_table
 from okd.io import write_text
 
 BEFORE = "student (before)"
@@ -62,6 +63,11 @@ def checks(results: dict) -> list[str]:
     return lines
 
 
+def _section(lines: list[str]) -> list[str]:
+    """A report section followed by a blank line, or nothing."""
+    return [*lines, ""] if lines else []
+
+
 def write_real_report(results: dict, out: Path) -> Path:
     s = results["settings"]
     out = Path(out)
@@ -86,6 +92,7 @@ def write_real_report(results: dict, out: Path) -> Path:
         "",
         *checks(results),
         "",
+        *_section(paired_table(results.get("paired"), results.get("eval_files"))),
         "## What varies between runs",
         "",
         f"The +- is the standard deviation over the {len(s['eval_seeds'])} sampling seeds of one trained model per row: "
@@ -96,8 +103,8 @@ def write_real_report(results: dict, out: Path) -> Path:
         "The greedy column has no sampling noise, so it changes between runs only through the trained "
         "weights: another CPU or another torch thread count (the demo picks 1 thread on a busy machine) sums in "
         "another order, which can flip a few tokens of a student trained for a few dozen steps. With "
-        f"{s['eval_examples']} test examples, differences between methods of a few ROUGE-L points are within "
-        "the noise of the examples alone.",
+        f"{s['eval_examples']} test examples, differences between methods of a few ROUGE-L points can be within "
+        "the noise of the examples alone: the paired intervals above measure that noise, not the training seed's.",
         "",
         "## What the budget cut",
         "",

@@ -3,8 +3,10 @@
 1. build the built-in data set (standard-library docstrings) and a byte-level BPE tokenizer for it;
 2. train a teacher from scratch with cross-entropy (cached: reused when its settings are unchanged);
 3. distil a smaller student with each method, same data, steps and seed;
-4. evaluate the teacher and every student (ROUGE-L and exact match over sampling seeds);
-5. write ``report.md``, ``results.json`` and PNG plots into the output directory.
+4. evaluate the teacher and every student (ROUGE-L and exact match over sampling seeds, and greedy),
+   keeping every model's per-example scores (``eval-<model>.json``, the format of ``okd eval``);
+5. compute the paired differences between methods (``okd.demo.paired``) and write ``report.md``,
+   ``results.json`` and PNG plots into the output directory.
 
 Nothing here is special to the demo except the sizes: every step uses the public API, so the demo is
 also a worked example of it.
@@ -158,6 +160,7 @@ def run_toy_demo(quick: bool = False, output_dir: str = "runs/demo", methods: li
     """Run the demo and return the results dict (also written to ``output_dir/results.json``)."""
     from okd.data import InstructionDataset, ensure_pad_token, read_jsonl
     from okd.data.builtin import build_builtin_dataset
+    from okd.demo.paired import paired_statistics, write_eval_file
     from okd.models import count_parameters, load_model, load_tokenizer
     from okd.training import distill
 
@@ -187,22 +190,26 @@ def run_toy_demo(quick: bool = False, output_dir: str = "runs/demo", methods: li
     test_set = InstructionDataset(test_examples, tokenizer, settings.max_length)
     generation = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0)
 
-    results: dict = {"settings": dataclasses.asdict(settings), "methods": {}}
+    results: dict = {"settings": dataclasses.asdict(settings), "methods": {}, "eval_files": {}}
 
     def score(name: str, model_dir: Path, train_seconds: float | None, steps: int | None) -> None:
         model = load_model(str(model_dir))
-        scored = evaluate_model(model, load_tokenizer(str(model_dir)), test_set, settings.eval_seeds, generation, progress=False)
+        scored = evaluate_model(model, load_tokenizer(str(model_dir)), test_set, settings.eval_seeds, generation, progress=False, greedy=True)
+        # Per-example scores, in okd eval's format, next to results.json (okd compare reads them).
+        path = write_eval_file(out, name, scored.to_dict(), model_dir, paths["test"], settings.max_length, settings.eval_examples)
+        results["eval_files"][name] = path.name
         results["methods"][name] = {
             "rouge_l_mean": scored.rouge_l_mean,
             "rouge_l_std": scored.rouge_l_std,
             "exact_match_mean": scored.exact_match_mean,
             "exact_match_std": scored.exact_match_std,
+            "greedy_rouge_l": scored.greedy_rouge_l,
             "train_seconds": train_seconds,
             "steps": steps,
             "parameters": count_parameters(model),
             "samples": scored.per_seed[0]["samples"],
         }
-        log(f"{name}: ROUGE-L {scored.rouge_l_mean:.2f} +- {scored.rouge_l_std:.2f}")
+        log(f"{name}: ROUGE-L {scored.rouge_l_mean:.2f} +- {scored.rouge_l_std:.2f}, greedy {scored.greedy_rouge_l:.2f}")
 
     teacher_summary = json.loads((out / "teacher_run" / "train_summary.json").read_text())
     score("teacher", teacher_dir, teacher_summary["train_seconds"], teacher_summary["steps"])
@@ -228,6 +235,7 @@ def run_toy_demo(quick: bool = False, output_dir: str = "runs/demo", methods: li
         )
         score(name, run.output_dir / "student", run.train_seconds, run.steps)
 
+    results["paired"] = paired_statistics(out, results["eval_files"], methods)
     results["total_seconds"] = time.perf_counter() - started
     write_json(out / "results.json", results)
     _plot(results, out, methods)
@@ -271,6 +279,8 @@ def _plot(results: dict, out: Path, methods: list[str]) -> None:
 
 
 def _write_report(results: dict, out: Path, methods: list[str]) -> None:
+    from okd.demo.paired import paired_table
+
     s = results["settings"]
     lines = [
         "# okd demo report",
@@ -280,13 +290,13 @@ def _write_report(results: dict, out: Path, methods: list[str]) -> None:
         f"Test: first {s['eval_examples']} examples of the built-in test split; sampling at temperature 1, "
         f"seeds {s['eval_seeds']}, up to {s['max_new_tokens']} new tokens.",
         "",
-        "| model | parameters | ROUGE-L | exact match | train seconds | steps |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | parameters | ROUGE-L (sampled) | greedy ROUGE-L | exact match | train seconds | steps |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ["teacher", *methods]:
         r = results["methods"][name]
         lines.append(
-            f"| {name} | {r['parameters']:,} | {r['rouge_l_mean']:.2f} +- {r['rouge_l_std']:.2f} | "
+            f"| {name} | {r['parameters']:,} | {r['rouge_l_mean']:.2f} +- {r['rouge_l_std']:.2f} | {r['greedy_rouge_l']:.2f} | "
             f"{r['exact_match_mean']:.2f} | {r['train_seconds']:.1f} | {r['steps']} |"
         )
     gap = results["methods"]["teacher"]["rouge_l_mean"] - results["methods"].get("sft", {}).get("rouge_l_mean", float("nan"))
@@ -295,6 +305,7 @@ def _write_report(results: dict, out: Path, methods: list[str]) -> None:
         f"Teacher minus `sft` student: {gap:.2f} ROUGE-L points.",
         f"Total demo wall-clock: {results['total_seconds']:.0f} s.",
         "",
+        *(paired + [""] if (paired := paired_table(results.get("paired"), results.get("eval_files"))) else []),
         "![loss curves](loss_curves.png) ![ROUGE-L](rouge_l.png) ![time](train_time.png)",
         "",
         "## Sample generations (first seed)",
