@@ -154,7 +154,13 @@ def demo(quick: bool = False, output_dir: str | None = None, methods: str | None
 
 
 class _Parser(ArgumentParser):
-    """jsonargparse's parser, with a suggestion when an option or config key is misspelled."""
+    """jsonargparse's parser, with a suggestion when an option or config key is misspelled, and
+    ``--version`` on the parser given a ``version`` (the top-level one)."""
+
+    def __init__(self, *args, version: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if version is not None:
+            self.add_argument("--version", action="version", version=version, help="Print the version of okd and exit.")
 
     def error(self, message, ex=None):
         match = re.search(r"(?:option|arguments?:?) '?-*([\w.\-]+)'?", message)
@@ -299,15 +305,59 @@ def _one_line_okd_warning(message, category, filename, lineno, line=None) -> str
     return _format_warning(message, category, filename, lineno, line)
 
 
+def package_version() -> str:
+    """The installed package's version (its metadata), else that of the source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("okd")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from okd import __version__
+
+        return __version__
+
+
+# Keys of a saved run_config.yaml that record the run rather than configure it (checked on --resume).
+RUN_RECORD_KEYS = ("num_processes", "sharding", "teacher_cache")
+
+
+def _run_record_as_config(argv: list[str]) -> list[str]:
+    """``distill --config run_config.yaml``: a run directory's saved config, given to --config, runs
+    the same distillation. Its record-only keys (``RUN_RECORD_KEYS``) and the sections the method did
+    not use (saved as null) are dropped, and the rest is passed on as YAML text. Any other config
+    file is left as it is."""
+    if not argv or argv[0] != "distill":
+        return argv
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name != "--config" or (not eq and i + 1 >= len(argv)):
+            continue
+        at = i if eq else i + 1
+        path = value if eq else argv[at]
+        try:
+            import yaml
+
+            record = yaml.safe_load(open(path, encoding="utf-8"))
+        except (OSError, ValueError):  # not a readable YAML file: jsonargparse reports it
+            continue
+        if not isinstance(record, dict) or "num_processes" not in record:
+            continue
+        kept = {k: v for k, v in record.items() if k not in RUN_RECORD_KEYS and v is not None}
+        text = yaml.safe_dump(kept, sort_keys=False)
+        out[at] = f"--config={text}" if eq else text
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.formatwarning = _one_line_okd_warning
     argv = _normalise_option_names(sys.argv[1:] if argv is None else list(argv))
-    argv = _apply_aliases(_collect_repeated(_positionals_to_option(argv)))
+    argv = _run_record_as_config(_apply_aliases(_collect_repeated(_positionals_to_option(argv))))
     if argv[:2] == ["model", "convert"] and len(argv) > 2 and not argv[2].startswith("-"):
         argv = [*argv[:2], "--src", *argv[2:]]  # `okd model convert SRC --out DIR`
     try:
-        auto_cli(COMMANDS, args=argv, as_positional=False, parser_class=_Parser)
+        auto_cli(COMMANDS, args=argv, as_positional=False, parser_class=_Parser, prog="okd", version=f"okd {package_version()}")
     except KeyboardInterrupt as error:
         # A second SIGINT/SIGTERM during training (the first one saves a checkpoint and returns).
         print(f"okd: interrupted ({error or 'KeyboardInterrupt'})", file=sys.stderr)
