@@ -317,15 +317,13 @@ def package_version() -> str:
         return __version__
 
 
-# Keys of a saved run_config.yaml that record the run rather than configure it (checked on --resume).
-RUN_RECORD_KEYS = ("num_processes", "sharding", "teacher_cache")
-
-
 def _run_record_as_config(argv: list[str]) -> list[str]:
     """``distill --config run_config.yaml``: a run directory's saved config, given to --config, runs
-    the same distillation. Its record-only keys (``RUN_RECORD_KEYS``) and the sections the method did
-    not use (saved as null) are dropped, and the rest is passed on as YAML text. Any other config
-    file is left as it is."""
+    the same distillation. Its record-only keys and the sections the method did not use (saved as null)
+    are dropped (``okd.config.replayable_run_config``), and the rest is passed on as YAML text. Any other
+    config file is left as it is."""
+    from okd.config import replayable_run_config
+
     if not argv or argv[0] != "distill":
         return argv
     out = list(argv)
@@ -343,8 +341,7 @@ def _run_record_as_config(argv: list[str]) -> list[str]:
             continue
         if not isinstance(record, dict) or "num_processes" not in record:
             continue
-        kept = {k: v for k, v in record.items() if k not in RUN_RECORD_KEYS and v is not None}
-        text = yaml.safe_dump(kept, sort_keys=False)
+        text = yaml.safe_dump(replayable_run_config(record), sort_keys=False)
         out[at] = f"--config={text}" if eq else text
     return out
 
