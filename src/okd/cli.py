@@ -21,7 +21,7 @@ from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
 
-from okd import pretrained
+from okd import installed_version, pretrained
 from okd.comparison import compare
 from okd.config import closest
 from okd.evaluation import evaluate
@@ -305,18 +305,6 @@ def _one_line_okd_warning(message, category, filename, lineno, line=None) -> str
     return _format_warning(message, category, filename, lineno, line)
 
 
-def package_version() -> str:
-    """The installed package's version (its metadata), else that of the source tree."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("okd")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        from okd import __version__
-
-        return __version__
-
-
 def _run_record_as_config(argv: list[str]) -> list[str]:
     """``distill --config run_config.yaml``: a run directory's saved config, given to --config, runs
     the same distillation. Its record-only keys and the sections the method did not use (saved as null)
@@ -354,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:2] == ["model", "convert"] and len(argv) > 2 and not argv[2].startswith("-"):
         argv = [*argv[:2], "--src", *argv[2:]]  # `okd model convert SRC --out DIR`
     try:
-        auto_cli(COMMANDS, args=argv, as_positional=False, parser_class=_Parser, prog="okd", version=f"okd {package_version()}")
+        auto_cli(COMMANDS, args=argv, as_positional=False, parser_class=_Parser, prog="okd", version=f"okd {installed_version()}")
     except KeyboardInterrupt as error:
         # A second SIGINT/SIGTERM during training (the first one saves a checkpoint and returns).
         print(f"okd: interrupted ({error or 'KeyboardInterrupt'})", file=sys.stderr)
