@@ -112,3 +112,30 @@ def test_hub_ids_and_local_paths(tmp_path):
         assert hub_model_id(local) is None, local
     (tmp_path / "x").mkdir()
     assert read_metadata(tmp_path / "x") == {}
+
+
+def test_hub_student_and_hub_data_fill_base_model_and_datasets():
+    """A card from a run record alone: a hub student is the base model, hub data sets are listed."""
+    from okd.model_card import distillation_card
+
+    run_config = {
+        "model": {"teacher": "HuggingFaceTB/SmolLM2-360M-Instruct", "student": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "method": {"name": "gkd", "source": "on_policy", "divergence": "jsd", "divergence_params": {"beta": 0.5},
+                   "kd_ratio": 1.0, "temperature": 1.0, "online_teacher": False, "objective": "distillation"},
+        "online": None,
+        "data": {"train_file": "hub:databricks/databricks-dolly-15k@train[:90%]",
+                 "validation_file": "hub:databricks/databricks-dolly-15k@train[90%:]"},
+        "train": {"batch_size": 8},
+        "sampling": {"on_policy_ratio": 0.5, "temperature": 0.9},
+        "minillm": None,
+        "num_processes": 2,
+    }
+    summary = {"method": "gkd", "steps": 100, "train_seconds": 3600.0, "final": {"validation_ce": 1.5, "validation_divergence": 0.25}}
+    metadata = check(distillation_card(run_config, summary, "runs/gkd"))
+    assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert metadata["datasets"] == ["databricks/databricks-dolly-15k"]
+    (result,) = metadata["model-index"][0]["results"]
+    assert result["dataset"]["type"] == "databricks/databricks-dolly-15k" and metadata["model-index"][0]["name"] == "gkd"
+    body = str(distillation_card(run_config, summary, "runs/gkd"))
+    assert "| on_policy_ratio | 0.5 |" in body and "| sequences per step | 16 |" in body and "60.0 min" in body
+    assert "num_processes" not in body.split("run_config.yaml</summary>")[1]  # the embedded config is the replayable one
