@@ -46,7 +46,7 @@ def test_a_distilled_student_has_a_card(tiny_setting, tmp_path):
     assert metadata["model-index"][0]["results"][0]["dataset"]["name"] == tiny_setting["validation"]
     assert f"from the teacher `{tiny_setting['teacher']}`" in body and "### Method: `kd`" in body
     assert "| divergence | `forward_kl` |" in body and "| kd_ratio | 1 |" in body and "| steps | 2 |" in body
-    assert "okd distill --config run_config.yaml" in body
+    assert f"okd distill --config {out}/run_config.yaml --output-dir {out}-rerun" in body
     assert "Online module" not in body
 
 

@@ -274,12 +274,13 @@ def distillation_card(run_config: dict, summary: dict, output_dir: str | None = 
         sections.append(f"Training loss at the last step: {final['loss']:.4g}.")
 
     replay = yaml.safe_dump(replayable_run_config(run_config), sort_keys=False).strip()
-    where = f" (`{output_dir}`)" if output_dir else ""
+    config_file = f"{output_dir.rstrip('/')}/run_config.yaml" if output_dir else "run_config.yaml"
+    rerun = f"{output_dir.rstrip('/')}-rerun" if output_dir else "rerun"
     sections += [
         "## Reproduce",
-        f"The run directory{where} holds `run_config.yaml`, this run's configuration with the method resolved. "
-        "From that directory:",
-        "```bash\nokd distill --config run_config.yaml --output-dir rerun\n```",
+        f"The run saved its configuration, with the method resolved, as `{config_file}` (below). Its relative "
+        "paths are relative to the directory the run started in; from there:",
+        f"```bash\nokd distill --config {config_file} --output-dir {rerun}\n```",
         "<details><summary>run_config.yaml</summary>\n\n```yaml\n" + replay + "\n```\n\n</details>",
         "## Use",
         _usage(adapter),
