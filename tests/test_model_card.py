@@ -60,6 +60,7 @@ def test_an_okd_lora_student_and_its_adapter_have_cards(tiny_setting, tmp_path):
     assert "### Online module (OKD)" in body and "| adapter_bottleneck | 64 |" in body and "| divergence | `jsd` |" in body
     assert "| lora_rank |" not in body  # the table leaves out the settings of the other module kind
     assert "validation_teacher_ce" in body  # the adapted teacher's scores, in the body only
+    assert r"KL(frozen teacher \|\| adapted teacher)" in body  # a | inside a table cell is escaped
     assert {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]} == {"cross_entropy", "forward_kl"}
     adapter, adapter_body = _card(out / "student_adapter")
     # okd's card replaces the one peft writes (whose base_model would be the student's local path).

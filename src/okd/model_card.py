@@ -119,8 +119,11 @@ def _value(value) -> str:
 
 
 def _table(rows, header=("setting", "value")) -> str:
+    def cell(text) -> str:  # a | would end the cell
+        return str(text).replace("|", "\\|")
+
     lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
-    lines += [f"| {name} | {_value(value) if not isinstance(value, _Text) else value} |" for name, value in rows]
+    lines += [f"| {cell(name)} | {cell(value if isinstance(value, _Text) else _value(value))} |" for name, value in rows]
     return "\n".join(lines)
 
 
