@@ -312,15 +312,15 @@ def shrink_card(teacher: str, out: str, teacher_layers: int, keep: list[int], pa
     name = Path(out).name
     data = ModelCardData(
         library_name="transformers", pipeline_tag="text-generation",
-        tags=[DISTILLATION_TAG, *TAGS, "depth-pruning"], model_name=name, **lineage,
+        tags=[DISTILLATION_TAG, *TAGS, "depth-pruning"], **lineage,
     )
     option = f"--layers {layers}" if layers is not None else f"--keep {','.join(map(str, keep))}"
     body = f"""
 # {name}
 
-A student made by depth pruning (okd's **depth-pruning**): {len(keep)} of the {teacher_layers} transformer layers
-of the teacher `{teacher}` (layers {keep}), with its embeddings, final norm and output head, and its tokenizer.
-It has not been trained since; it is a starting point for distillation from that teacher.
+A student made by depth pruning (`okd model shrink`): {len(keep)} of the {teacher_layers} transformer layers
+of the teacher `{teacher}` (layers {keep}), with its embeddings, final norm and output head, and its
+tokenizer. It has not been trained since; it is a starting point for distillation from that teacher.
 
 | | |
 | --- | --- |
@@ -357,15 +357,15 @@ def convert_card(src: str, out: str, file_name: str, architecture: str, dtype: s
     name = Path(out).name
     data = ModelCardData(
         library_name="transformers", pipeline_tag="text-generation", tags=[*TAGS, "gguf-conversion"],
-        model_name=name, **{k: v for k, v in fields.items() if v},
+        **{k: v for k, v in fields.items() if v},
     )
     source = known.get("description") or f"the GGUF file `{src}`"
     body = f"""
 # {name}
 
-{source} (`{file_name}`), converted by okd's **gguf-conversion** (`okd model convert`) into a plain Hugging Face
-directory: safetensors weights ({dtype}, dequantised), config, generation config and the tokenizer with its
-chat template. It loads offline with `AutoModelForCausalLM` / `AutoTokenizer` and serves as a teacher or a
+{source} (`{file_name}`), converted by `okd model convert` into a plain Hugging Face directory:
+safetensors weights ({dtype}, dequantised), config, generation config and the tokenizer with its chat
+template. It loads offline with `AutoModelForCausalLM` / `AutoTokenizer` and serves as a teacher or a
 student initialisation for `okd distill`.
 
 | | |
