@@ -115,6 +115,17 @@ def test_hub_ids_and_local_paths(tmp_path):
     assert read_metadata(tmp_path / "x") == {}
 
 
+def test_a_local_path_in_an_inherited_card_is_not_a_base_model(tmp_path):
+    """peft's card names the model's local path as base_model: it is not passed on."""
+    from okd.model_card import _lineage
+
+    (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "README.md").write_text(f"---\nbase_model: {tmp_path}/base\nlicense: mit\n---\n")
+    assert _lineage(str(tmp_path / "init")) == {"license": "mit"}
+    (tmp_path / "init" / "README.md").write_text("---\nbase_model: [org/a, /models/b]\n---\n")
+    assert _lineage(str(tmp_path / "init")) == {"base_model": "org/a"}
+
+
 def test_hub_student_and_hub_data_fill_base_model_and_datasets():
     """A card from a run record alone: a hub student is the base model, hub data sets are listed."""
     from okd.model_card import distillation_card

@@ -50,7 +50,7 @@ KNOWN_SOURCES = {
 }
 
 # Metadata a model inherits from the local directory it was made from (that directory's own card).
-INHERITED = ("base_model", "license", "language")
+INHERITED = ("base_model", "license", "license_name", "license_link", "language")
 
 
 # --------------------------------------------------------------------------------------
@@ -58,15 +58,21 @@ INHERITED = ("base_model", "license", "language")
 # --------------------------------------------------------------------------------------
 
 
-def hub_model_id(name: str | None) -> str | None:
-    """``name`` when it names a Hub model (``org/name`` or ``name``) rather than a local path, else None."""
+def _repo_id_syntax(name: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not name or Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
-        return None
+    if name.startswith((".", "/", "~")):
+        return False
     try:
         validate_repo_id(name)
     except HFValidationError:
+        return False
+    return True
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` when it names a Hub model (``org/name`` or ``name``) rather than a local path, else None."""
+    if not name or Path(name).expanduser().exists() or not _repo_id_syntax(name):
         return None
     return name
 
@@ -92,8 +98,13 @@ def _lineage(model: str | None) -> dict:
         return {"base_model": hub_id}
     if not model:
         return {}
-    inherited = read_metadata(Path(model).expanduser())
-    return {key: inherited[key] for key in INHERITED if inherited.get(key)}
+    inherited = {key: value for key, value in read_metadata(Path(model).expanduser()).items() if key in INHERITED and value}
+    # Only Hub ids: a card written elsewhere may hold a local path there (peft writes the model's path).
+    bases = inherited.pop("base_model", [])
+    bases = [b for b in ([bases] if isinstance(bases, str) else bases) if isinstance(b, str) and _repo_id_syntax(b)]
+    if bases:
+        inherited["base_model"] = bases[0] if len(bases) == 1 else bases
+    return inherited
 
 
 def _hub_dataset(spec: str | None) -> str | None:
