@@ -79,3 +79,36 @@ def test_user_errors_are_one_line(tiny_setting, tmp_path, capsys):
         main(["distill", "--model.teacher", tiny_setting["teacher"], "--method.name", "kdd",
               "--data.train_file", tiny_setting["train"], "--output-dir", str(tmp_path / "y")])
     assert "did you mean 'kd'" in capsys.readouterr().err
+
+
+def test_version_is_the_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as raised:
+        main(["--version"])
+    assert raised.value.code == 0
+    assert capsys.readouterr().out.strip() == f"okd {version('okd')}"
+
+
+def test_python_dash_m_okd_runs_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "okd", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: okd ") and "distill" in result.stdout
+
+
+def test_a_saved_run_config_reruns_the_run(tiny_setting, tmp_path, monkeypatch):
+    """`okd distill --config run_config.yaml` (the file every run saves) repeats the run: its record-only
+    keys (num_processes) and the unused sections (saved as null) do not stop it."""
+    first = tmp_path / "first"
+    main(["distill", "--model.teacher", tiny_setting["teacher"], "--model.tokenizer", tiny_setting["tokenizer"],
+          "--model.student_size", "nano", "--method.name", "kd", "--data.train_file", tiny_setting["train"],
+          "--data.validation_file", tiny_setting["validation"], "--data.max_length", "48", "--train.max_steps", "2",
+          "--train.batch_size", "4", "--output-dir", str(first), "--no-progress"])
+    saved = yaml.safe_load((first / "run_config.yaml").read_text())
+    assert saved["num_processes"] == 1 and saved["online"] is None
+    monkeypatch.chdir(first)
+    main(["distill", "--config", "run_config.yaml", "--output-dir", str(tmp_path / "again"), "--no-progress"])
+    assert (tmp_path / "again" / "run_config.yaml").read_text() == (first / "run_config.yaml").read_text()
+    first_summary = json.loads((first / "train_summary.json").read_text())["final"]
+    again_summary = json.loads((tmp_path / "again" / "train_summary.json").read_text())["final"]
+    assert again_summary["validation_ce"] == pytest.approx(first_summary["validation_ce"], rel=1e-5)

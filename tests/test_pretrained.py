@@ -383,6 +383,28 @@ def test_converted_smollm2_equals_the_gguf_model(smollm2_dir, capsys):
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_converted_and_shrunk_smollm2_have_model_cards(smollm2_dir, tmp_path):
+    """okd model convert names SmolLM2-135M-Instruct as the base model; a student shrunk from it inherits it.
+    No machine path but the ones given appears (the GGUF file is named by its file name)."""
+    from huggingface_hub import metadata_load
+
+    from okd.model_card import check
+
+    text = (smollm2_dir / "README.md").read_text()
+    metadata = metadata_load(smollm2_dir / "README.md")
+    assert metadata == check(text)
+    assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert metadata["license"] == "apache-2.0" and metadata["library_name"] == "transformers"
+    assert {"okd", "gguf-conversion"} <= set(metadata["tags"])
+    assert smollm2_gguf_path().name in text and str(smollm2_gguf_path().parent) not in text
+    assert f"okd model convert smollm2 --out {smollm2_dir}" in text and "llama" in text
+
+    student = shrink(str(smollm2_dir), str(tmp_path / "student"), layers=3)
+    metadata = metadata_load(student / "README.md")
+    assert metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "depth-pruning" in metadata["tags"]
+    assert "3 of the 30 transformer layers" in (student / "README.md").read_text()
+
+
 def test_real_model_shrink_distill_reload_generate(smollm2_dir, tmp_path):
     """The real-model path end to end: shrink SmolLM2 to 2 layers, 2 steps each of kd and okd on
     built-in examples, save, reload, generate."""

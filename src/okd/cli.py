@@ -21,7 +21,7 @@ from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser, auto_cli, set_parsing_settings
 
-from okd import pretrained
+from okd import installed_version, pretrained
 from okd.comparison import compare
 from okd.config import closest
 from okd.evaluation import evaluate
@@ -154,7 +154,13 @@ def demo(quick: bool = False, output_dir: str | None = None, methods: str | None
 
 
 class _Parser(ArgumentParser):
-    """jsonargparse's parser, with a suggestion when an option or config key is misspelled."""
+    """jsonargparse's parser, with a suggestion when an option or config key is misspelled, and
+    ``--version`` on the parser given a ``version`` (the top-level one)."""
+
+    def __init__(self, *args, version: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if version is not None:
+            self.add_argument("--version", action="version", version=version, help="Print the version of okd and exit.")
 
     def error(self, message, ex=None):
         match = re.search(r"(?:option|arguments?:?) '?-*([\w.\-]+)'?", message)
@@ -299,15 +305,44 @@ def _one_line_okd_warning(message, category, filename, lineno, line=None) -> str
     return _format_warning(message, category, filename, lineno, line)
 
 
+def _run_record_as_config(argv: list[str]) -> list[str]:
+    """``distill --config run_config.yaml``: a run directory's saved config, given to --config, runs
+    the same distillation. Its record-only keys and the sections the method did not use (saved as null)
+    are dropped (``okd.config.replayable_run_config``), and the rest is passed on as YAML text. Any other
+    config file is left as it is."""
+    from okd.config import replayable_run_config
+
+    if not argv or argv[0] != "distill":
+        return argv
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name != "--config" or (not eq and i + 1 >= len(argv)):
+            continue
+        at = i if eq else i + 1
+        path = value if eq else argv[at]
+        try:
+            import yaml
+
+            record = yaml.safe_load(open(path, encoding="utf-8"))
+        except (OSError, ValueError):  # not a readable YAML file: jsonargparse reports it
+            continue
+        if not isinstance(record, dict) or "num_processes" not in record:
+            continue
+        text = yaml.safe_dump(replayable_run_config(record), sort_keys=False)
+        out[at] = f"--config={text}" if eq else text
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.formatwarning = _one_line_okd_warning
     argv = _normalise_option_names(sys.argv[1:] if argv is None else list(argv))
-    argv = _apply_aliases(_collect_repeated(_positionals_to_option(argv)))
+    argv = _run_record_as_config(_apply_aliases(_collect_repeated(_positionals_to_option(argv))))
     if argv[:2] == ["model", "convert"] and len(argv) > 2 and not argv[2].startswith("-"):
         argv = [*argv[:2], "--src", *argv[2:]]  # `okd model convert SRC --out DIR`
     try:
-        auto_cli(COMMANDS, args=argv, as_positional=False, parser_class=_Parser)
+        auto_cli(COMMANDS, args=argv, as_positional=False, parser_class=_Parser, prog="okd", version=f"okd {installed_version()}")
     except KeyboardInterrupt as error:
         # A second SIGINT/SIGTERM during training (the first one saves a checkpoint and returns).
         print(f"okd: interrupted ({error or 'KeyboardInterrupt'})", file=sys.stderr)

@@ -22,7 +22,7 @@ of a method: the mean over its runs. For a comparison "A minus B":
   whether a new training seed would;
 - p-values are adjusted for the number of comparisons with Holm's step-down method.
 
-This module reads JSON only (no pickle) and does not import the training code.
+This module reads JSON only and does not import the training code.
 """
 
 from __future__ import annotations

@@ -558,6 +558,7 @@ def save_pretrained_atomic(
     tokenizer: PreTrainedTokenizerBase | None,
     out_dir: str | os.PathLike,
     state_dict: dict | None = None,
+    readme: str | None = None,
 ) -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` to ``out_dir`` all at once.
 
@@ -566,7 +567,8 @@ def save_pretrained_atomic(
     one is in place. A crash therefore leaves either the old directory, the new one, or a
     hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` leftover, never a half-written ``out_dir``.
     Returns ``out_dir`` as a Path. ``state_dict``: the weights to write instead of ``model``'s own
-    (the full weights gathered from a sharded model).
+    (the full weights gathered from a sharded model). ``readme``: the model card (``okd.model_card``),
+    written as README.md in the same rename (in place of one peft writes for an adapter).
     """
     from okd.io import atomic_directory
 
@@ -574,6 +576,8 @@ def save_pretrained_atomic(
         model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if readme is not None:
+            (tmp / "README.md").write_text(readme, encoding="utf-8")
     return Path(out_dir).expanduser().absolute()
 
 

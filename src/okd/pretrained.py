@@ -17,10 +17,10 @@ layers (evenly spaced by default, the first and the last always kept) and copyin
 (embeddings, final norm, output head; a tied head stays tied), as DistilBERT and depth-pruned LLM
 students are made. Keeping every layer gives back the teacher exactly.
 
-Both write atomically (a hidden temporary directory renamed into place) with a small manifest,
-``okd_manifest.json``, saying what was made from what: re-running with the same input and settings
-is a no-op, other settings replace the directory, and a directory okd did not write is never
-replaced. Bad input fails with a one-line ``ValueError`` / ``FileNotFoundError`` before anything is
+Both write atomically (a hidden temporary directory renamed into place), with a model card (README.md,
+``okd.model_card``) and a small manifest, ``okd_manifest.json``, saying what was made from what:
+re-running with the same input and settings is a no-op, other settings replace the directory, and a
+directory okd did not write is never replaced. Bad input fails with a one-line ``ValueError`` / ``FileNotFoundError`` before anything is
 written.
 """
 
@@ -175,6 +175,16 @@ def _gguf_architecture(path: Path) -> str:
     return architecture
 
 
+def _gguf_card_metadata(path: Path) -> dict:
+    """License and languages from the GGUF file's ``general.*`` metadata, for the model card (empty on any trouble)."""
+    try:
+        reader = _require_gguf().GGUFReader(str(path))
+        fields = {key: reader.get_field(f"general.{name}") for key, name in (("license", "license"), ("language", "languages"))}
+        return {key: field.contents() for key, field in fields.items() if field is not None}
+    except Exception:  # the card does without them
+        return {}
+
+
 def _check_causal_lm(path: Path, architecture: str) -> None:
     """ValueError unless transformers can load the GGUF file as a causal LM."""
     from transformers import AutoConfig
@@ -204,6 +214,7 @@ def convert(
         out: Directory to write (model.safetensors, config, generation config, tokenizer with its chat template).
         dtype: Precision of the saved weights.
     """
+    from okd.model_card import convert_card, render
     from okd.models import load_model, load_tokenizer, save_pretrained_atomic
 
     start = time.perf_counter()
@@ -234,8 +245,9 @@ def convert(
             if attr in vars(holder):
                 delattr(holder, attr)
     model.config.name_or_path = str(out_path)
-    save_pretrained_atomic(model, _TokenizerAndManifest(tokenizer, manifest), out_path)
     n_params = sum(p.numel() for p in model.parameters())
+    card = render(convert_card, src, out, path.name, architecture, dtype, n_params, _gguf_card_metadata(path))
+    save_pretrained_atomic(model, _TokenizerAndManifest(tokenizer, manifest), out_path, readme=card)
     print(
         f"converted {path.name} -> {out_path} ({architecture}, {n_params / 1e6:.1f}M parameters, {dtype}) "
         f"in {time.perf_counter() - start:.1f} s"
@@ -405,6 +417,7 @@ def shrink(
     """
     from transformers import AutoTokenizer
 
+    from okd.model_card import render, shrink_card
     from okd.models import load_model, save_pretrained_atomic
 
     start = time.perf_counter()
@@ -437,8 +450,9 @@ def shrink(
         tokenizer = AutoTokenizer.from_pretrained(str(teacher_path), **_offline_kwargs())
     student = shrink_model(model, indices)
     student.config.name_or_path = str(out_path)
-    save_pretrained_atomic(student, _TokenizerAndManifest(tokenizer, manifest), out_path)
     n_params = sum(p.numel() for p in student.parameters())
+    card = render(shrink_card, teacher, out, n_layers, indices, n_params, layers=layers)
+    save_pretrained_atomic(student, _TokenizerAndManifest(tokenizer, manifest), out_path, readme=card)
     print(
         f"shrunk {teacher_path} ({n_layers} layers) -> {out_path}: kept layers {indices}, "
         f"{n_params / 1e6:.1f}M parameters, in {time.perf_counter() - start:.1f} s"

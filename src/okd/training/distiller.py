@@ -460,7 +460,8 @@ class Distiller:
         return None if not stats[0] else all(s == stats[0] for s in stats)
 
     def save(self) -> None:
-        """Write the student, the online module and a summary (main process only)."""
+        """Write the student with its model card (README.md, ``okd.model_card``), the online module and
+        a summary (main process only)."""
         accelerator = self.accelerator
         consistent = self.module_consistent_across_processes()
         source_consistent = self.source_consistent_across_processes()
@@ -471,16 +472,9 @@ class Distiller:
             full_state = {n: v for n, v in full_state.items() if n in kept}
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            from okd.model_card import distillation_card, render
             from okd.models import merged_lora_model, save_pretrained_atomic
 
-            student = accelerator.unwrap_model(self.student)
-            if self.config.model.student_lora is not None:
-                # The adapter alone (peft's format), and the merged student: a plain transformers model.
-                save_pretrained_atomic(student, self.tokenizer, self.output / "student_adapter")
-                student = merged_lora_model(student)
-            save_pretrained_atomic(student, self.tokenizer, self.output / "student", state_dict=full_state)
-            if self.online_config is not None:
-                self.teacher.save_module(self.output / "online_module")
             summary = {
                 "method": self.method.name,
                 "steps": self.step,
@@ -490,6 +484,16 @@ class Distiller:
                 "source_consistent_across_processes": source_consistent,
                 "final": self.final_metrics,
             }
+            student = accelerator.unwrap_model(self.student)
+            if self.config.model.student_lora is not None:
+                # The adapter alone (peft's format), and the merged student: a plain transformers model.
+                card = render(distillation_card, self.run_config, summary, self.config.output_dir, adapter=True)
+                save_pretrained_atomic(student, self.tokenizer, self.output / "student_adapter", readme=card)
+                student = merged_lora_model(student)
+            card = render(distillation_card, self.run_config, summary, self.config.output_dir)
+            save_pretrained_atomic(student, self.tokenizer, self.output / "student", state_dict=full_state, readme=card)
+            if self.online_config is not None:
+                self.teacher.save_module(self.output / "online_module")
             write_json(self.output / "train_summary.json", summary)
         accelerator.wait_for_everyone()
 
@@ -513,7 +517,8 @@ def distill(
     The parameters are the fields of ``okd.config.DistillConfig`` (this signature is also the schema
     of ``okd distill``); ``Distiller(config)`` takes the assembled config.
 
-    Writes ``output_dir/student/`` (loadable with ``AutoModelForCausalLM.from_pretrained``),
+    Writes ``output_dir/student/`` (loadable with ``AutoModelForCausalLM.from_pretrained``; its README.md
+    is the model card),
     ``output_dir/online_module/`` (OKD), ``output_dir/metrics.jsonl``, ``output_dir/run_config.yaml``
     and ``output_dir/train_summary.json``.
 
