@@ -178,3 +178,31 @@ def test_the_student_learns_with_uld(cross_setting, tmp_path):
     assert math.isfinite(after["kd"]) and after["kd"] < 0.7 * before["kd"]
     assert after["ce"] < before["ce"] - 3.0
     assert after["agreement"] > before["agreement"] + 0.2
+
+
+def test_resume_across_tokenizers_reproduces_the_uninterrupted_run(cross_setting, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    config = _cross_config(cross_setting, tmp_path, "align", steps=4)
+    config["train"].checkpoint_every = 2
+    distill(**config)  # checkpoint at step 2, student after step 4
+    run = tmp_path / "run_align"
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "student")
+    config["output_dir"] = str(resumed)
+    distiller = Distiller(**config, resume=True)
+    assert distiller.step == 2
+    distiller.train()
+    distiller.save()
+    a, b = load_file(run / "student" / "model.safetensors"), load_file(resumed / "student" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_runs_across_tokenizers(cross_setting, tmp_path):
+    config = _cross_config(cross_setting, tmp_path, "uld", steps=2, kd_ratio=0.5)
+    config["train"].gradient_accumulation_steps = 2
+    metrics = distill(**config).final_metrics
+    assert metrics["step"] == 2 and math.isfinite(metrics["loss"]) and math.isfinite(metrics["kd"])
