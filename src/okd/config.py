@@ -98,6 +98,10 @@ class ModelConfig:
     """Train from cached teacher outputs (a directory written by `okd teacher cache`) instead of running
     the teacher. store=topk: the teacher is never loaded; store=hidden: only its output head (OKD with
     online.kind=adapter). Ground-truth data only; validation then logs validation_ce only."""
+    teacher_tokenizer: Optional[str] = None
+    """The teacher's own tokenizer (directory or hub id) when it differs from the student's; needs
+    method.cross_tokenizer. Empty: the tokenizer saved with the teacher. The data is then tokenised by
+    model.tokenizer or the student's (okd.crosstok)."""
 
 
 @dataclass
@@ -130,6 +134,10 @@ class MethodConfig:
     """distillation: the kd_ratio mix of CE and the divergence above (every preset but minillm);
     minillm: MiniLLM's policy gradient on sequence-level reverse KL (the `minillm` section; needs
     source teacher_mixed). The divergence is then only the validation metric."""
+    cross_tokenizer: Optional[Literal["uld", "align"]] = None
+    """Distil across tokenizers (okd.crosstok; ground-truth data): uld, the Universal Logit
+    Distillation loss on positions aligned by index (the divergence is not used); align, the method's
+    divergence on text spans aligned by character offsets. Empty: both models must share one tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,7 @@ class ResolvedMethod:
     temperature: float
     online_teacher: bool
     objective: str = "distillation"
+    cross_tokenizer: Optional[str] = None
 
     @property
     def uses_teacher(self) -> bool:

@@ -47,6 +47,7 @@ from okd.config import (
     SamplingConfig,
     TrainConfig,
 )
+from okd.crosstok.training import check_cross_tokenizer_config, prepare_cross_tokenizer
 from okd.io import write_json, write_text
 from okd.losses import DistillationLoss, StepLosses, first_nonfinite
 from okd.minillm import MiniLLMConfig
@@ -123,6 +124,7 @@ class Distiller:
         self.processes = Processes(accelerator)
         check_output_dir(self.output, config.overwrite, config.resume)
         check_cache_config(config, self.method)
+        check_cross_tokenizer_config(config, self.method)  # okd.crosstok: refused combinations, one line each
         set_seed(train.seed)
 
         self.tokenizer, student, teacher_model = load_models(config.model, self.method, train, config.data.max_length)
@@ -133,6 +135,11 @@ class Distiller:
         # model.teacher_cache: the teacher's outputs are read from disk (okd.training.cached); every process opens it.
         self.teacher_cache = open_teacher_cache(config, self.method, self.tokenizer, student, self.train_set)
         self.collator = Collator(pad_token_id=self.tokenizer.pad_token_id)
+        self.cross_loss = None
+        if self.method.cross_tokenizer is not None:  # the teacher's own tokenization next to the student's
+            self.train_set, self.collator, self.cross_loss = prepare_cross_tokenizer(
+                config, self.method, self.train_set, self.tokenizer, student, teacher_model
+            )
         setup = SourceSetup(
             dataset=self.train_set, collator=self.collator, tokenizer=self.tokenizer, student=student,
             teacher=teacher_model.to(accelerator.device) if self.method.source in ("teacher_generated", "teacher_mixed") else teacher_model,
@@ -391,7 +398,8 @@ class Distiller:
         """Held-out metrics; the validation CE also drives DistiLLM's adaptive source."""
         metrics = validation_metrics(
             # The validation split is not in the teacher cache: with one, only validation_ce is logged.
-            self.accelerator.unwrap_model(self.student), self.teacher if self.teacher_cache is None else None,
+            # Across tokenizers (okd.crosstok) too: the teacher cannot read the student's tokens.
+            self.accelerator.unwrap_model(self.student), self.teacher if self.teacher_cache is None and self.cross_loss is None else None,
             self.validation_set, self.collator,
             self.loss_fn, self.config.eval.batch_size, self.accelerator.device,
         )

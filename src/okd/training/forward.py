@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from okd.crosstok.training import cross_forward_losses
 from okd.fused import FusedLinearDistillationLoss, budget_chunk_tokens
 from okd.heads import apply_head, final_hidden_at, head_on_positions_supported, loss_positions
 from okd.losses import StepLosses, fused_step_losses, fused_unsupported
@@ -52,6 +53,10 @@ class LossPath:
         teacher = distiller.teacher
         if distiller.minillm_loss is not None:
             return cls("full")  # MiniLLM computes its own losses (okd.objectives)
+        if getattr(distiller, "cross_loss", None) is not None:  # okd.crosstok compares full logits
+            if train.fused_loss and distiller.accelerator.is_main_process and distiller.config.progress:
+                print("okd: train.fused_loss: dense loss instead (method.cross_tokenizer takes full logits)", file=sys.stderr)
+            return cls("full")
         if distiller.teacher_cache is not None:
             # okd.training.cached: a hidden-state cache takes the student's head on the loss positions
             # (the teacher's rows come from disk); a top-k cache's bucketed divergence takes full logits.
@@ -96,6 +101,8 @@ def forward_losses(distiller: "Distiller", batch: dict[str, torch.Tensor], updat
     the student's loss, and on update steps the online module's), on ``distiller.loss_path``."""
     if distiller.teacher_cache is not None:  # the teacher's outputs come from disk (okd.training.cached)
         return cached_forward_losses(distiller, batch, update_module)
+    if getattr(distiller, "cross_loss", None) is not None:  # teacher and student tokenise apart (okd.crosstok)
+        return cross_forward_losses(distiller, batch)
     accelerator, student, teacher, loss_fn = distiller.accelerator, distiller.student, distiller.teacher, distiller.loss_fn
     if distiller.minillm_loss is not None:  # MiniLLM's policy-gradient objective (okd.objectives)
         with accelerator.autocast():

@@ -29,7 +29,8 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
 
     from .cached import HeadOnlyTeacher, cache_store
 
-    tokenizer_source = model_cfg.tokenizer or model_cfg.teacher or model_cfg.student
+    cross = method.cross_tokenizer is not None  # okd.crosstok: the data is the student's tokenization
+    tokenizer_source = model_cfg.tokenizer or (model_cfg.student if cross else None) or model_cfg.teacher or model_cfg.student
     if not tokenizer_source:
         raise ValueError("set model.teacher (or model.tokenizer / model.student)")
     tokenizer = load_tokenizer(tokenizer_source)
@@ -58,13 +59,18 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
         )
     # The tokenizers saved with the teacher and the student (when they have one) must be the one
     # the data is tokenised with: distillation compares distributions token id by token id.
-    for role, source in (("teacher", model_cfg.teacher if teacher_model is not None else None), ("student", model_cfg.student)):
+    for role, source in (("teacher", model_cfg.teacher if teacher_model is not None and not cross else None), ("student", model_cfg.student)):
         saved = saved_tokenizer(source) if source and source != tokenizer_source else None
         if saved is not None:
-            check_same_tokenizer(
-                tokenizer, saved, f"the {role}'s tokenizer ({source}) differs from the one used for the data ({tokenizer_source})"
-            )
-    if teacher_model is not None:
+            try:
+                check_same_tokenizer(
+                    tokenizer, saved, f"the {role}'s tokenizer ({source}) differs from the one used for the data ({tokenizer_source})"
+                )
+            except ValueError as error:
+                from okd.crosstok.training import CROSS_TOKENIZER_HINT
+
+                raise ValueError(f"{error}; {CROSS_TOKENIZER_HINT}" if not cross else str(error)) from None
+    if teacher_model is not None and not cross:
         check_compatible(teacher_model, student, tokenizer, tokenizer)
         if model_cfg.teacher_cache:  # a hidden-state cache: keep the output head, drop the body
             teacher_model = HeadOnlyTeacher(teacher_model)

@@ -29,6 +29,7 @@ RESUMABLE_CHANGES = {
 ADDED_FIELD_DEFAULTS = {
     "train.gradient_accumulation_steps": 1, "model.teacher_dtype": None, "model.student_lora": None,
     "method.objective": "distillation", "minillm": None,
+    "model.teacher_tokenizer": None, "method.cross_tokenizer": None,
 }
 
 
