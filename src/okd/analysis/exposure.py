@@ -66,7 +66,7 @@ def _fkl_by_step(teacher, student, width, prompts, responses, *, pad_token_id, l
         divergence of the two next-token distributions that predict response token t of row i.
     """
     from okd.data.instruction import build_batch
-    from okd.losses import next_token_targets
+    from okd.targets import next_token_targets
 
     n = len(prompts)
     errors = torch.zeros(n, length, dtype=torch.float64)

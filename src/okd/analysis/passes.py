@@ -135,7 +135,7 @@ def teacher_forced_pass(teacher, students: dict, widths: dict[str, int], tokeniz
     added to running sums (:class:`_Running`); logits never outlive their batch.
     """
     from okd.data import Collator
-    from okd.losses import next_token_targets
+    from okd.targets import next_token_targets
 
     models = [teacher, *students.values()]
     modes = [m.training for m in models]

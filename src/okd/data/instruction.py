@@ -49,7 +49,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from okd.io import write_jsonl  # noqa: F401  (re-exported: okd.data.write_jsonl)
-from okd.losses import IGNORE_INDEX  # label value without loss (prompt, padding)
+from okd.targets import IGNORE_INDEX  # label value without loss (prompt, padding)
 
 logger = logging.getLogger(__name__)
 

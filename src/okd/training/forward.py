@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from okd.fused import FusedLinearDistillationLoss, budget_chunk_tokens
-from okd.heads import apply_head, final_hidden_at, head_on_positions_supported, loss_positions
+from okd.heads import apply_head, final_hidden_at, head_on_positions_supported
 from okd.losses import StepLosses, fused_step_losses, fused_unsupported
+from okd.targets import loss_positions
 
 from .cached import cached_forward_losses
 
