@@ -22,7 +22,8 @@ from okd.online.objective import OnlineObjective
 from okd.targets import IGNORE_INDEX, mix_losses, next_token_targets
 
 if TYPE_CHECKING:
-    from okd.config import OnlineModuleConfig, ResolvedMethod
+    from okd.online.base import OnlineModuleConfig
+    from okd.sections import ResolvedMethod
 
 __all__ = ["IGNORE_INDEX", "DistillationLoss", "StepLosses", "cross_entropy", "first_nonfinite", "fused_step_losses", "fused_unsupported", "next_token_targets"]
 

@@ -42,7 +42,7 @@ from okd.divergences import forward_kl, get_divergence
 from okd.targets import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from okd.config import OnlineModuleConfig
+    from okd.online.base import OnlineModuleConfig
 
 MODULE_LR_SCHEDULES = ("constant", "linear", "cosine")
 ANCHOR_SCHEDULES = ("constant", "linear")
