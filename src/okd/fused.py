@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from okd.divergences import get_divergence
+from okd.targets import IGNORE_INDEX, mix_losses
 
 __all__ = ["FusedLinearDistillationLoss", "FusedLosses", "budget_chunk_tokens", "fused_linear_distillation"]
 
@@ -255,9 +256,8 @@ class _FusedLinearDistillation(torch.autograd.Function):
 
         means = (sums * inv_m).float()
         ce_mean, kd_mean, mce_mean, mdiv_mean, _, _ = means.unbind()
-        loss = (1.0 - plan.kd_ratio) * ce_mean if plan.targets is not None else torch.zeros((), device=device)
-        if plan.use_kd:
-            loss = kd_mean if plan.kd_ratio == 1 else loss + plan.kd_ratio * kd_mean
+        # kd_mean is 0 without the divergence (kd_ratio 0), ce_mean 0 without targets (kd_ratio 1).
+        loss = mix_losses(ce_mean, kd_mean, plan.kd_ratio)
         module_loss = plan.module_student_weight * mdiv_mean + plan.module_ce_weight * mce_mean
         ctx.buffers = [grad_h_s, grad_w_s, grad_b_s, grad_h_t]
         ctx.dtypes = [h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype, None if h_t is None else h_t.dtype]
@@ -315,7 +315,7 @@ def fused_linear_distillation(
     module_divergence: Optional[str] = None,
     module_divergence_params: Optional[dict] = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> FusedLosses:
     """The student's KD loss (and, for OKD, the module's loss) from final hidden states and head weights.
 
@@ -519,7 +519,7 @@ class FusedLinearDistillationLoss:
         module_divergence: Optional[str] = None,
         module_divergence_params: Optional[dict] = None,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
     ):
         self.divergence = divergence
         self.divergence_params = dict(divergence_params or {})

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from okd.data.instruction import collate_prompts
+
 __all__ = ["BACKENDS", "cut_after_eos", "generate_batched", "generation_budget", "isolated_rng", "resolve_backend"]
 
 
@@ -256,8 +258,6 @@ def _decode(model, input_ids, attention_mask, *, eos, pad_token_id, max_new_toke
 
 
 def _generate_one_batch(model, prompts, *, pad_token_id, eos_token_id, max_new_tokens, temperature, top_p, do_sample, backend):
-    from okd.data.instruction import collate_prompts
-
     sample = do_sample and temperature > 0
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_token_id).items()}

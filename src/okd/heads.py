@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from okd.targets import loss_positions  # noqa: F401  (re-exported: okd.heads.loss_positions)
 
 # Config attributes by which transformers models change the logits after the head; a model with any of
 # them set (to other than None / 1) is not ``head(hidden)`` and keeps its full logits.
@@ -40,14 +40,6 @@ def head_on_positions_supported(model: nn.Module) -> bool:
     if not isinstance(model, PreTrainedModel) or not isinstance(model.get_output_embeddings(), nn.Linear):
         return False
     return logit_postprocessing(model) is None
-
-
-def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, targets)``: flat indices ``[N]`` into ``batch * seq`` of the positions whose next-token
-    target is not -100, and those targets ``[N]`` (the positions ``okd.losses.next_token_targets`` counts)."""
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    return rows, targets.index_select(0, rows)
 
 
 def apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 ``loss = (1 - kd_ratio) * CE(student, data) + kd_ratio * D(teacher -> student)`` for the student and,
 on OKD's update steps, ``ce_weight * CE(teacher, data) + student_weight * D(student -> teacher)`` for
 the online module. Shapes: logits ``[batch, seq, vocab]``, labels / targets / mask ``[batch, seq]``.
-``IGNORE_INDEX`` (-100) marks label positions without loss (prompt and padding) everywhere in okd.
+``IGNORE_INDEX`` (-100, ``okd.targets``) marks label positions without loss (prompt and padding) everywhere in okd.
 """
 
 from __future__ import annotations
@@ -17,25 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from okd.divergences import get_divergence
+from okd.heads import head_on_positions_supported
 from okd.online.objective import OnlineObjective
+from okd.targets import IGNORE_INDEX, mix_losses, next_token_targets
 
 if TYPE_CHECKING:
-    from okd.config import OnlineModuleConfig, ResolvedMethod
-
-IGNORE_INDEX = -100
+    from okd.online.base import OnlineModuleConfig
+    from okd.sections import ResolvedMethod
 
 __all__ = ["IGNORE_INDEX", "DistillationLoss", "StepLosses", "cross_entropy", "first_nonfinite", "fused_step_losses", "fused_unsupported", "next_token_targets"]
-
-
-def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align labels with logits: the logits at position t predict the token at t + 1.
-
-    Returns ``(targets, mask)``, both ``[batch, seq]``: ``targets[:, t] = labels[:, t + 1]`` (last
-    position ignored) and ``mask = targets != -100``. Shifting the small label tensor instead of the
-    ``[batch, seq, vocab]`` logits avoids a copy of the logits.
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return targets, targets != IGNORE_INDEX
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -129,7 +119,7 @@ class DistillationLoss:
         else:
             target = teacher_logits if self.objective is None else self.objective.student_target(teacher_logits, frozen_logits)
             kd = self.divergence_between(target.detach(), student_logits, mask)
-            loss = kd if ratio == 1 else (1 - ratio) * ce + ratio * kd
+            loss = mix_losses(ce, kd, ratio)
             losses = StepLosses(loss=loss, ce=ce, kd=kd)
         if update_module:
             # The module moves the teacher toward the (detached) student, while CE on the data (and
@@ -148,8 +138,6 @@ def fused_unsupported(method: ResolvedMethod, online: OnlineModuleConfig | None,
     method's own or any other), through the adapter or with no module; both models must have plain heads
     (``okd.heads.head_on_positions_supported``).
     """
-    from okd.heads import head_on_positions_supported
-
     if not head_on_positions_supported(student):
         return "the student's logits are not head(hidden) (not a Hugging Face causal LM, or post-processed)"
     if teacher is not None and not teacher.supports_positions:

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from okd.divergences import align_vocab, forward_kl, reverse_kl
+from okd.targets import IGNORE_INDEX, mix_losses
 
 __all__ = [
     "MiniLLMConfig",
@@ -429,7 +430,7 @@ def lm_loss(
     Returns:
         float32 scalar, means over the counted tokens (0, still in the graph, if none counts).
     """
-    mask = targets != -100
+    mask = targets != IGNORE_INDEX
     log_probs = F.log_softmax(student_logits.float(), dim=-1)
     nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     ce = _reduce(nll, mask, "mean")
@@ -438,7 +439,7 @@ def lm_loss(
     if teacher_logits is None:
         raise ValueError("lm_loss: kd_ratio > 0 needs teacher_logits")
     kd = forward_kl(teacher_logits, student_logits, mask, reduction="mean")
-    return (1.0 - kd_ratio) * ce + kd_ratio * kd
+    return mix_losses(ce, kd, kd_ratio)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,7 +594,7 @@ class MixedSamples:
         L = max(p + n for p, n in zip(prompt_lengths, lengths))
         device = self.response_ids.device
         ids = torch.full((B, L), pad_token_id, dtype=torch.long, device=device)
-        labels = torch.full((B, L), -100, dtype=torch.long, device=device)
+        labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long, device=device)
         attention = torch.zeros((B, L), dtype=torch.long, device=device)
         aligned = {k: torch.zeros((B, L), device=device) for k in ("old_logprobs", "teacher_logprobs", "log_weights")}
         response_mask = torch.zeros((B, L), dtype=torch.bool, device=device)

@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from okd.sections import closest
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -119,8 +121,6 @@ def _resolve_size(size: str | ModelSize) -> ModelSize:
     if size in MODEL_SIZES:
         return MODEL_SIZES[size]
     valid = ", ".join(MODEL_SIZES)
-    from okd.config import closest
-
     close = closest(size, MODEL_SIZES)
     hint = f"; did you mean {close!r}?" if close else ""
     raise ValueError(f"unknown model size {size!r}{hint} valid sizes: {valid}")

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from okd.losses import StepLosses, cross_entropy, next_token_targets
+from okd.losses import StepLosses, cross_entropy
 from okd.minillm import MiniLLMConfig, MiniLLMLoss
+from okd.targets import next_token_targets
 
 __all__ = ["MiniLLMObjective", "MiniLLMStepLosses"]
 

@@ -18,7 +18,7 @@ from torch import nn
 from okd.online import OnlineModule, ResidualAdapter, build_online_module, with_online_module
 
 if TYPE_CHECKING:
-    from okd.config import OnlineModuleConfig
+    from okd.online.base import OnlineModuleConfig
 
 __all__ = ["ResidualAdapter", "Teacher", "with_online_module"]
 

@@ -51,9 +51,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from okd.data.instruction import IGNORE_INDEX, Collator
+from okd.data.instruction import Collator
 from okd.divergences import get_divergence
 from okd.io import atomic_directory
+from okd.targets import example_loss_positions, next_token_targets
+
+# The loss positions of one unpadded example (``okd.targets``), under the name this module exports.
+loss_positions = example_loss_positions
 
 __all__ = [
     "FORMAT_NAME",
@@ -111,17 +115,10 @@ def example_key(input_ids: Sequence[int] | Tensor, labels: Sequence[int] | Tenso
     return digest.hexdigest()[: 2 * KEY_BYTES]
 
 
-def loss_positions(labels: Sequence[int] | Tensor) -> list[int]:
-    """Positions ``t`` whose logits predict a label: ``labels[t + 1] != -100`` (ascending)."""
-    labs = _as_int_list(labels)
-    return [t for t in range(len(labs) - 1) if labs[t + 1] != IGNORE_INDEX]
-
-
 def batch_loss_mask(labels: Tensor) -> Tensor:
-    """``[B, T]`` bool: the loss positions of a right-padded batch (as ``okd.training.next_token_targets``)."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return mask
+    """``[B, T]`` bool: the loss positions of a right-padded batch, the mask of ``okd.targets.next_token_targets``
+    (kept under this name, which the cache's readers and their tests use)."""
+    return next_token_targets(labels)[1]
 
 
 def _batch_rows(input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> list[tuple[list[int], list[int]]]:
@@ -644,7 +641,7 @@ class TeacherCache:
 
     def entry(self, input_ids: Sequence[int] | Tensor, labels: Sequence[int] | Tensor) -> dict[str, Tensor]:
         """One unpadded example's stored tensors (as on disk, ``[n, ...]`` for its ``n`` loss positions)."""
-        return self._read(example_key(input_ids, labels), len(loss_positions(labels)))
+        return self._read(example_key(input_ids, labels), len(example_loss_positions(labels)))
 
     def lookup(
         self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor
@@ -655,7 +652,7 @@ class TeacherCache:
         on ``labels``' device, rows aligned with ``mask = labels[:, 1:] != -100`` (row-major).
         """
         rows = _batch_rows(input_ids, attention_mask, labels)
-        parts = [self._read(example_key(ids, labs), len(loss_positions(labs))) for ids, labs in rows]
+        parts = [self._read(example_key(ids, labs), len(example_loss_positions(labs))) for ids, labs in rows]
         mask = batch_loss_mask(labels)
         device = labels.device
         if self.store == "topk":

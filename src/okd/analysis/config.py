@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from okd.analysis.exposure import DEFAULT_EXPOSURE_LENGTHS
 from okd.analysis.metrics import DEFAULT_RANK_TOP, DEFAULT_TOP_KS, ECE_BINS
+
+DEFAULT_EXPOSURE_LENGTHS = (5, 10, 20, 40)  # the l of ExAccErr(l) (okd.analysis.exposure)
 
 
 @dataclass

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from okd.analysis.config import DEFAULT_EXPOSURE_LENGTHS
 from okd.analysis.metrics import _kl, _log_probs
 from okd.analysis.passes import _chunked, _floats, _logits, _position_limit, _sample
-
-DEFAULT_EXPOSURE_LENGTHS = (5, 10, 20, 40)
+from okd.targets import next_token_targets
 
 
 def accumulated_error(errors: Tensor, alive: Tensor) -> Tensor:
@@ -66,7 +66,6 @@ def _fkl_by_step(teacher, student, width, prompts, responses, *, pad_token_id, l
         divergence of the two next-token distributions that predict response token t of row i.
     """
     from okd.data.instruction import build_batch
-    from okd.losses import next_token_targets
 
     n = len(prompts)
     errors = torch.zeros(n, length, dtype=torch.float64)

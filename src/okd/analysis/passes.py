@@ -6,16 +6,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from okd.analysis.config import AnalysisConfig
 from okd.analysis.metrics import calibration_bins, model_metrics, pair_metrics
-
-if TYPE_CHECKING:  # config imports exposure, which imports this module
-    from okd.analysis.config import AnalysisConfig
+from okd.targets import next_token_targets
 
 
 def _device(model) -> torch.device:
@@ -135,7 +132,6 @@ def teacher_forced_pass(teacher, students: dict, widths: dict[str, int], tokeniz
     added to running sums (:class:`_Running`); logits never outlive their batch.
     """
     from okd.data import Collator
-    from okd.losses import next_token_targets
 
     models = [teacher, *students.values()]
     modes = [m.training for m in models]

@@ -9,7 +9,7 @@ and ``train.loss_positions_only`` do not apply); validation logs ``validation_ce
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -21,7 +21,15 @@ from .losses import CrossTokenizerLoss
 
 if TYPE_CHECKING:
     from okd.config import DistillConfig, ModelConfig, ResolvedMethod
-    from okd.training.distiller import Distiller
+
+
+class CrossStep(Protocol):
+    """What the cross-tokenizer forward reads of the training loop (``okd.training.Distiller`` is one)."""
+
+    accelerator: Any  # accelerate.Accelerator
+    student: Any  # the (wrapped) student model
+    teacher: Any  # okd.teacher.Teacher
+    cross_loss: CrossTokenizerLoss
 
 __all__ = [
     "CROSS_TOKENIZER_HINT", "check_cross_tokenizer_config", "cross_forward_losses", "load_teacher_tokenizer",
@@ -83,7 +91,7 @@ def prepare_cross_tokenizer(config: DistillConfig, method: ResolvedMethod, train
     return dataset, collator, CrossTokenizerLoss(method, vocab, config.train.divergence_chunk_tokens)
 
 
-def cross_forward_losses(distiller: Distiller, batch: dict[str, torch.Tensor], update_module: bool = False) -> StepLosses:
+def cross_forward_losses(distiller: CrossStep, batch: dict[str, torch.Tensor], update_module: bool = False) -> StepLosses:
     """One forward of the student on its tokens and of the teacher on its own, and the step's loss
     (``okd.crosstok.losses.CrossTokenizerLoss``)."""
     accelerator, teacher = distiller.accelerator, distiller.teacher

@@ -60,7 +60,7 @@ if __name__ != "__main__":
     # script (see ``_walk_in_subprocess``) only the standard library may be imported.
     from okd.io import write_jsonl, write_text
 
-    from .instruction import DataError
+    from .records import DataError
 
 logger = logging.getLogger(__name__)
 

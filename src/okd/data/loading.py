@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from okd.data.instruction import DataError, Example, format_record, json_lines, read_bytes, read_jsonl
+from okd.data.records import DataError, Example, format_record, json_lines, read_bytes, read_json_lines
 
 HUB_PREFIX = "hub:"
 
@@ -149,7 +149,7 @@ def read_examples(
     suffix = path.suffix.lower()
     if suffix in _JSONL_SUFFIXES:
         if mapping is None:
-            return read_jsonl(path, tokenizer)  # the plain JSONL reader, byte for byte
+            return read_json_lines(path, tokenizer)  # the plain JSONL reader, byte for byte
         return _json_lines_examples(path, read_bytes(path), mapping, tokenizer)
     if suffix not in _LOADER_SUFFIXES:
         kind = f"file type {suffix!r}" if suffix else "file without a suffix"

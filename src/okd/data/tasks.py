@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .builtin import build_builtin_dataset
-from .instruction import DataError
+from .records import DataError
 from .wordnet import build_wordnet_dataset
 
 

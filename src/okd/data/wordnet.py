@@ -58,7 +58,7 @@ from pathlib import Path
 
 from okd.io import write_jsonl, write_text
 
-from .instruction import DataError
+from .records import DataError
 
 logger = logging.getLogger(__name__)
 

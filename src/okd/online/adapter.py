@@ -17,7 +17,7 @@ from okd.heads import apply_head, final_hidden, final_hidden_at, logit_postproce
 from okd.online.base import OnlineModule, register_online_module
 
 if TYPE_CHECKING:
-    from okd.config import OnlineModuleConfig
+    from okd.online.base import OnlineModuleConfig
 
 WEIGHTS_FILE = "adapter.safetensors"
 

@@ -1,4 +1,5 @@
-"""The interface every online module implements, the registry of kinds, and folding a saved module.
+"""The interface every online module implements, the registry of kinds, the `online` section of a run's
+configuration (:class:`OnlineModuleConfig`, whose ``kind`` names a registered kind), and folding a saved module.
 
 An *online module* is the only trainable part of an OKD teacher. It owns the (frozen) teacher model it
 modifies, so each kind decides by itself how it changes the teacher's output: the ``adapter`` kind
@@ -16,16 +17,15 @@ The saved directory always holds ``online_module.json`` with at least ``{"kind":
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Literal, Optional
 
 import torch
 from torch import nn
 
 from okd.heads import final_hidden_at, head_on_positions_supported
-
-if TYPE_CHECKING:  # okd.config may import this package to validate online.kind: no runtime import back
-    from okd.config import OnlineModuleConfig
+from okd.sections import DIVERGENCE_NAMES, unknown_choice
 
 META_FILE = "online_module.json"
 
@@ -187,6 +187,84 @@ def online_module_class(kind: str) -> type[OnlineModule]:
         return ONLINE_MODULES[kind]
     except KeyError:
         raise ValueError(f"unknown online module kind {kind!r}; known kinds: {', '.join(sorted(ONLINE_MODULES))}") from None
+
+
+@dataclass
+class OnlineModuleConfig:
+    """OKD's online module: the only trainable part of the teacher (used when online_teacher)."""
+
+    kind: str = "adapter"
+    """The module kind, a name in okd.online.ONLINE_MODULES. adapter: residual bottleneck on the
+    teacher's final hidden state (no backward through the frozen teacher body). lora: LoRA (peft) on
+    the attention and MLP projections of the top layers."""
+    adapter_bottleneck: int = 64
+    """Bottleneck width of the adapter."""
+    lora_rank: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    lora_top_layers: int = 2
+    """LoRA goes on this many of the teacher's top transformer layers; 0 puts it on all of them."""
+    lora_target_modules: Optional[list[str]] = None
+    """Module names LoRA adapts. Default: peft's defaults for the architecture."""
+    learning_rate: float = 5e-4
+    """Peak learning rate of the online module's own optimizer (AdamW)."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule of the module's learning rate over the student steps after `start_step`, horizon
+    train.max_steps (okd.online.objective.module_lr_factor)."""
+    warmup_steps: int = 0
+    """Linear warm-up of the module's learning rate over this many student steps after `start_step`."""
+    weight_decay: float = 0.0
+    """Weight decay of the online module's optimizer."""
+    update_every: int = 1
+    """The module takes one optimizer step every this many student steps."""
+    start_step: int = 0
+    """Delayed start: no module update on the first `start_step` student steps (the student learns
+    from the frozen teacher until then)."""
+    ce_weight: float = 1.0
+    """Weight of CE(teacher, data) in the module's loss: keeps the adapted teacher accurate."""
+    student_weight: float = 1.0
+    """Weight of D(student.detach() -> teacher) in the module's loss: moves the teacher toward
+    what the student can represent."""
+    divergence: str = "jsd"
+    """D in the module's loss, with the detached student q as target and the adapted teacher p_phi
+    as learner: jsd (the default) the generalized JSD (beta 0.5 unless `divergence_params` says
+    otherwise), forward_kl KL(q || p_phi), reverse_kl KL(p_phi || q) (PromptKD), or any other name of
+    okd.divergences; same: the method's divergence and parameters with the roles swapped (KL(q || p_phi)
+    for the okd preset: the default until the design study, docs/results/okd_design.md, chose jsd,
+    which keeps the adapted teacher nearest the frozen one and scored best on validation)."""
+    divergence_params: Optional[dict[str, float]] = None
+    """Parameters of `divergence` (not of same), e.g. {beta: 0.5} for jsd; empty: the divergence's own defaults."""
+    anchor_weight: float = 0.0
+    """Weight w of the anchor w * KL(p_0 || p_phi) in the module's loss, p_0 the frozen teacher:
+    keeps the adapted teacher near the pretrained one. 0: no anchor. With kind=lora it costs a
+    second teacher forward on update steps."""
+    anchor_schedule: Literal["constant", "linear"] = "constant"
+    """constant: w at every step; linear: w * (1 - step / train.max_steps), PromptKD's decay to 0."""
+    teacher_mix: float = 0.0
+    """What the student learns from: (1 - m) * p_phi + m * p_0 (mixed in probability space). 0: the
+    adapted teacher alone; 1: the frozen teacher alone (the module then only trains). With kind=lora
+    m > 0 costs a second teacher forward per step."""
+
+    def __post_init__(self):
+        if self.kind not in ONLINE_MODULES:  # the registry of module kinds (a new kind registers there)
+            raise ValueError(unknown_choice("online.kind", self.kind, sorted(ONLINE_MODULES)))
+        if self.update_every < 1:
+            raise ValueError(f"online.update_every must be >= 1, got {self.update_every}")
+        for name in ("ce_weight", "student_weight", "anchor_weight", "learning_rate", "start_step", "warmup_steps", "lora_top_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"online.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.teacher_mix <= 1.0:
+            raise ValueError(f"online.teacher_mix must be in [0, 1], got {self.teacher_mix}")
+        if self.divergence != "same" and self.divergence not in DIVERGENCE_NAMES:
+            raise ValueError(unknown_choice("online.divergence", self.divergence, ("same", *DIVERGENCE_NAMES)))
+        if self.divergence == "same" and self.divergence_params:
+            raise ValueError("online.divergence_params is for a named online.divergence; same takes method.divergence_params")
+        if self.lr_scheduler not in ("constant", "linear", "cosine"):
+            raise ValueError(unknown_choice("online.lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine")))
+        if self.anchor_schedule not in ("constant", "linear"):
+            raise ValueError(unknown_choice("online.anchor_schedule", self.anchor_schedule, ("constant", "linear")))
+
 
 
 def build_online_module(model: nn.Module, config: OnlineModuleConfig | None) -> OnlineModule:

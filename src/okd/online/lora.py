@@ -17,7 +17,7 @@ from okd.heads import final_hidden_at
 from okd.online.base import OnlineModule, register_online_module
 
 if TYPE_CHECKING:
-    from okd.config import OnlineModuleConfig
+    from okd.online.base import OnlineModuleConfig
 
 
 @register_online_module

@@ -39,11 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from okd.divergences import forward_kl, get_divergence
+from okd.targets import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from okd.config import OnlineModuleConfig
-
-IGNORE_INDEX = -100
+    from okd.online.base import OnlineModuleConfig
 
 MODULE_LR_SCHEDULES = ("constant", "linear", "cosine")
 ANCHOR_SCHEDULES = ("constant", "linear")

@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from okd.sections import unknown_choice
+
 if TYPE_CHECKING:
-    from okd.config import DataConfig, ModelConfig, ResolvedMethod, SamplingConfig, TrainConfig
     from okd.minillm import MiniLLMConfig
+    from okd.sections import DataConfig, ModelConfig, ResolvedMethod, SamplingConfig, TrainConfig
 
 __all__ = ["SOURCES", "Source", "SourceSetup", "build_source", "register_source", "source_names"]
 
@@ -45,7 +47,7 @@ class SourceSetup:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
-    sampling: SamplingConfig  # resolved (okd.config.resolve_sampling)
+    sampling: SamplingConfig  # resolved (okd.methods.resolve_sampling)
     output_dir: Path
     rank: int = 0
     world_size: int = 1
@@ -112,8 +114,6 @@ def source_names() -> tuple[str, ...]:
 
 def build_source(name: str, setup: SourceSetup) -> Source:
     """The registered source ``name``, built from ``setup``."""
-    from okd.config import unknown_choice
-
     if name not in SOURCES:
         raise ValueError(unknown_choice("method.source", name, SOURCES))
     return SOURCES[name].from_config(setup)

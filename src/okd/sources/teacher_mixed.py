@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from okd.minillm import MiniLLMConfig, TeacherMixedSampler
+from okd.targets import IGNORE_INDEX
 
 from .base import Source, dataset_max_length, register_source
 from .ground_truth import GroundTruthSource
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from .base import SourceSetup
 
 # What a stored sample holds, and the padding of each when minibatches are put together again.
-_PADDING = {"input_ids": None, "attention_mask": 0, "labels": -100, "response_mask": False,
+_PADDING = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "response_mask": False,
             "old_logprobs": 0.0, "teacher_logprobs": 0.0, "log_weights": 0.0}
 
 

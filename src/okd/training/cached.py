@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from okd.heads import apply_head, final_hidden_at, loss_positions
-from okd.losses import StepLosses, cross_entropy, next_token_targets
+from okd.heads import apply_head, final_hidden_at
+from okd.losses import StepLosses, cross_entropy
+from okd.targets import loss_positions, mix_losses, next_token_targets
 from okd.teacher_cache import (
     MANIFEST_FILE,
     CacheExpectation,
@@ -151,7 +152,7 @@ def _hidden_teacher_logits(
 ):
     """``(adapted, frozen)`` logits from cached hidden states, as the adapter computes them
     (``head(adapter(h))`` and ``head(h)``); ``frozen`` None unless needed. ``positions``: ``[N, V]``, one
-    row per loss position (row-major, as ``okd.heads.loss_positions``); else ``[B, T, V]``, zeros off
+    row per loss position (row-major, as ``okd.targets.loss_positions``); else ``[B, T, V]``, zeros off
     the loss positions."""
     targets = cache.lookup(batch["input_ids"], batch["attention_mask"], batch["labels"])
     head = teacher.model.get_output_embeddings()
@@ -211,5 +212,5 @@ def cached_forward_losses(distiller, batch: dict[str, torch.Tensor], update_modu
             student_logits, cached, method.divergence, temperature=method.temperature,
             chunk_tokens=loss_fn.chunk_tokens, **method.divergence_params,
         )
-        loss = kd if ratio == 1 else (1 - ratio) * ce + ratio * kd
+        loss = mix_losses(ce, kd, ratio)
         return StepLosses(loss=loss, ce=ce, kd=kd)

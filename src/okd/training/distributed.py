@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from okd.losses import IGNORE_INDEX
+from okd.targets import IGNORE_INDEX
 
 
 def has_accelerator_device() -> bool:

@@ -20,19 +20,38 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import torch
 
 from okd.crosstok.training import cross_forward_losses
 from okd.fused import FusedLinearDistillationLoss, budget_chunk_tokens
-from okd.heads import apply_head, final_hidden_at, head_on_positions_supported, loss_positions
-from okd.losses import StepLosses, fused_step_losses, fused_unsupported
+from okd.heads import apply_head, final_hidden_at, head_on_positions_supported
+from okd.losses import DistillationLoss, StepLosses, fused_step_losses, fused_unsupported
+from okd.targets import loss_positions
 
 from .cached import cached_forward_losses
 
 if TYPE_CHECKING:
-    from .distiller import Distiller
+    from okd.config import DistillConfig, OnlineModuleConfig, ResolvedMethod, TrainConfig
+
+
+class StepState(Protocol):
+    """What a step's forward reads of the training loop (``okd.training.Distiller`` is one)."""
+
+    config: DistillConfig
+    train_config: TrainConfig
+    method: ResolvedMethod
+    online_config: Optional[OnlineModuleConfig]
+    accelerator: Any  # accelerate.Accelerator
+    student: Any  # the (wrapped) student model
+    teacher: Any  # okd.teacher.Teacher, or None
+    teacher_cache: Any  # okd.teacher_cache.TeacherCache, or None
+    minillm_loss: Any  # okd.objectives.MiniLLMObjective, or None
+    loss_fn: DistillationLoss
+    loss_path: LossPath
+    sharding: Optional[str]
+    step: int
 
 
 @dataclass
@@ -46,7 +65,7 @@ class LossPath:
     batches: dict[str, int] = field(default_factory=lambda: {"fused": 0, "positions": 0})
 
     @classmethod
-    def choose(cls, distiller: "Distiller") -> "LossPath":
+    def choose(cls, distiller: StepState) -> "LossPath":
         """The rule (``train.loss_positions_only``, ``train.fused_loss`` help; ``okd.heads``,
         ``okd.losses.fused_unsupported``); the fused loss's reason for not running is printed once."""
         train, student = distiller.train_config, distiller.accelerator.unwrap_model(distiller.student)
@@ -96,7 +115,7 @@ class LossPath:
         return fused
 
 
-def forward_losses(distiller: "Distiller", batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
+def forward_losses(distiller: StepState, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
     """One forward of the student and the teacher on ``batch``, and the step's loss terms (with graphs:
     the student's loss, and on update steps the online module's), on ``distiller.loss_path``."""
     if distiller.teacher_cache is not None:  # the teacher's outputs come from disk (okd.training.cached)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from okd.losses import DistillationLoss, cross_entropy, next_token_targets
+from okd.losses import DistillationLoss, cross_entropy
 from okd.online.objective import AdaptedTeacherMetrics
+from okd.targets import next_token_targets
 
 
 @torch.no_grad()
