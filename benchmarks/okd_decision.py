@@ -11,6 +11,7 @@ half-epoch checkpoint of a run that was cut off. Results of finished runs are wr
     python benchmarks/okd_decision.py select --task builtin         # learning rates chosen on validation only
     python benchmarks/okd_decision.py grid --task builtin --stage seeds --workers 2
     python benchmarks/okd_decision.py test --task builtin --methods kd,okd   # once, after selection
+    python benchmarks/okd_decision.py dose --task builtin                    # the module's strength, validation only
     python benchmarks/okd_decision.py status --task builtin
 
 A run trains in segments of half an epoch; after each segment the student is scored on the whole
@@ -148,12 +149,45 @@ class Paths:
 # --------------------------------------------------------------------------------------
 
 
+# The dose-response: the online module's strength (its learning rate, the weight of its pull toward the
+# student), from the preset's up to settings that move the adapted teacher well away from the frozen one.
+DOSE_LEVELS = {"okd": (5e-4, 1.0), "okd@m2e-3": (2e-3, 1.0), "okd@m8e-3": (8e-3, 1.0), "okd@m8e-3w4": (8e-3, 4.0)}
+
+
 def method_sections(method: str) -> tuple[dict, dict]:
-    """``(method fields, online-module fields)``: the presets, and okd_kl (the `okd` preset with a
-    KL module objective, the module divergence of earlier versions)."""
+    """``(method fields, online-module fields)``: the presets, okd_kl (the `okd` preset with a KL module
+    objective, the module divergence of earlier versions) and the dose-response levels (``okd@...``)."""
     if method == "okd_kl":
         return {"name": "okd"}, {"divergence": "kl"}
+    if method.startswith("okd@"):
+        learning_rate, student_weight = DOSE_LEVELS[method]
+        return {"name": "okd"}, {"learning_rate": learning_rate, "student_weight": student_weight}
     return {"name": method}, {}
+
+
+def adapted_teacher_metrics(teacher: Path, module: Path, settings: TaskSettings) -> dict:
+    """What a trained online module does to the teacher on the validation split: the adapted teacher's
+    CE and top-1 accuracy, its KL from the frozen teacher, and the frozen teacher's CE (token means)."""
+    import torch
+
+    from okd.data import Collator, InstructionDataset, read_jsonl
+    from okd.models import load_model, load_tokenizer
+    from okd.online.objective import AdaptedTeacherMetrics
+    from okd.targets import next_token_targets
+    from okd.teacher import with_online_module
+
+    tokenizer = load_tokenizer(str(teacher))
+    frozen = load_model(str(teacher)).eval()
+    adapted = with_online_module(load_model(str(teacher)), module).eval()
+    dataset = InstructionDataset(read_jsonl(str(Path(settings.data) / "validation.jsonl"), tokenizer=tokenizer), tokenizer, settings.max_length)
+    collate, metrics = Collator(pad_token_id=tokenizer.pad_token_id), AdaptedTeacherMetrics()
+    with torch.no_grad():
+        for start in range(0, len(dataset), 16):
+            batch = collate([dataset[i] for i in range(start, min(start + 16, len(dataset)))])
+            targets, _ = next_token_targets(batch["labels"])
+            inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            metrics.update(adapted(**inputs).logits, frozen(**inputs).logits, targets)
+    return metrics.result()
 
 
 def validation_score(student, tokenizer, dataset, settings: TaskSettings) -> dict:
@@ -487,6 +521,38 @@ def stage_test(args, paths: Paths, settings: TaskSettings) -> None:
         print(f"{label}: test scores in {out}", flush=True)
 
 
+def stage_dose(args, paths: Paths, settings: TaskSettings) -> None:
+    """The dose-response on validation: each module strength at okd's selected rate and seed 0, with
+    what the module did to the teacher. The first level is the preset's seed-0 run itself."""
+    import torch
+
+    from okd.io import write_json
+
+    torch.set_num_threads(args.threads)
+    lr = read_selection(paths).get("okd")
+    if lr is None:
+        sys.exit("dose: okd has no selected learning rate yet (select --methods okd)")
+    out_path = paths.out / "dose_response.json"
+    table = json.loads(out_path.read_text()) if out_path.exists() else {}
+    for level, (module_lr, student_weight) in DOSE_LEVELS.items():
+        label = run_label(level, lr, 0)
+        if label in table:
+            continue
+        if not paths.result(label).exists():
+            write_json(paths.result(label), train_run("student", level, lr, 0, paths, settings, threads=args.threads))
+        run = json.loads(paths.result(label).read_text())
+        module = paths.run_dir(label) / "best_online_module"
+        if not module.exists():
+            sys.exit(f"dose: {module} is gone; train {label} again (delete its result file) to measure it")
+        table[label] = {"module_learning_rate": module_lr, "student_weight": student_weight,
+                        "validation_rouge_l": run["best"]["rouge_l"], "validation_greedy_rouge_l": run["best"]["greedy_rouge_l"],
+                        **adapted_teacher_metrics(paths.teacher, module, settings)}
+        write_json(out_path, table)
+        commit_results([out_path, paths.result(label)], f"decision/{paths.task}: dose-response level {level}")
+        print(f"{label}: validation ROUGE-L {table[label]['validation_rouge_l']:.2f}, adapted teacher KL from frozen "
+              f"{table[label]['validation_teacher_kl_from_frozen']:.4f}", flush=True)
+
+
 def stage_status(args, paths: Paths, settings: TaskSettings) -> None:
     done = sorted(p.stem for p in (paths.out / "runs").glob("*.json"))
     print(f"teacher: {'done' if (paths.out / 'teacher.json').exists() else 'not yet'}; {len(done)} finished run(s)")
@@ -497,7 +563,7 @@ def stage_status(args, paths: Paths, settings: TaskSettings) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("teacher", "prepare", "run", "grid", "select", "test", "status"))
+    parser.add_argument("command", choices=("teacher", "prepare", "run", "grid", "select", "test", "dose", "status"))
     parser.add_argument("--task", choices=tuple(TASKS), required=True)
     parser.add_argument("--runs", default="runs/decision", help="models, checkpoints and logs (not committed)")
     parser.add_argument("--results", default="docs/results/decision", help="per-run results (committed)")
@@ -523,7 +589,7 @@ def main() -> None:
         sys.exit(f"{settings.data}/train.jsonl not found: build it with `okd data build --task {args.task}` or pass --data")
     paths = Paths(args.task, Path(args.runs), Path(args.results), Path(args.base))
     {"teacher": stage_teacher, "prepare": stage_prepare, "run": stage_run, "grid": stage_grid,
-     "select": stage_select, "test": stage_test, "status": stage_status}[args.command](args, paths, settings)
+     "select": stage_select, "test": stage_test, "dose": stage_dose, "status": stage_status}[args.command](args, paths, settings)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,13 @@ def test_test_scores_wait_for_selection_and_every_seed(decision, paths):
     for seed in (1, 2):
         _finished(decision, paths, "kd", rates[2], seed, 11.0)
     assert decision.test_runs(paths, ["kd"]) == [("kd", rates[2], s) for s in (0, 1, 2)]
+
+
+def test_dose_levels_set_the_module_strength_and_the_first_is_the_preset(decision):
+    levels = list(decision.DOSE_LEVELS)
+    assert levels[0] == "okd"  # the preset's own seed-0 run is the first level
+    assert decision.method_sections("okd@m8e-3w4") == ({"name": "okd"}, {"learning_rate": 8e-3, "student_weight": 4.0})
+    from okd.config import OnlineModuleConfig
+
+    preset = OnlineModuleConfig()
+    assert decision.DOSE_LEVELS["okd"] == (preset.learning_rate, preset.student_weight)
