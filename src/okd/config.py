@@ -124,3 +124,14 @@ class DistillConfig:
         }
         record["num_processes"] = num_processes
         return record
+
+
+# Keys of a saved run_config.yaml that record the run rather than configure it (checked on --resume).
+RUN_RECORD_KEYS = ("num_processes", "sharding", "teacher_cache")
+
+
+def replayable_run_config(record: dict) -> dict:
+    """A saved ``run_config.yaml`` (``DistillConfig.run_config``) as a config ``okd distill --config``
+    takes: without its record-only keys (``RUN_RECORD_KEYS``) and the sections the method did not use
+    (saved as None)."""
+    return {k: v for k, v in record.items() if k not in RUN_RECORD_KEYS and v is not None}
