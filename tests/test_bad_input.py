@@ -5,7 +5,10 @@ cannot be truncated without losing its whole response, non-UTF-8 bytes, an empty
 filtering, teacher and student with different tokenizers or incompatible vocabularies, a model path
 that does not exist, a config key that does not exist (closest one suggested, on the command line
 and inside a YAML file given with --config), and an output directory that holds a different run
-(refused unless --overwrite or --resume).
+(refused unless --overwrite or --resume). Data errors (missing fields, an empty file, a missing
+validation file), a bad nested option (``--model.student_lora``, one line naming it instead of
+jsonargparse's report of every type tried) and bad ``okd teacher cache`` options or data fail before any
+model weights load: the tests make loading or building a model fail.
 
 Most cases go through the command line (``okd.cli.main``), which must print one ``error:`` line to
 stderr and exit with status 2; a few go through ``okd.training.distill``, which must raise.
@@ -556,3 +559,137 @@ def test_lora_targets_matching_no_module_are_one_line_listing_the_names(tiny_set
     assert "model.student_lora.target_modules ['qkv_proj'] match no module" in message
     assert "q_proj" in message and "v_proj" in message  # the names that exist
     _assert_no_outputs(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input is caught before any model weights load (the tokenizer may load: it is cheap)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading or building a model fails the test: the check must come first."""
+    import okd.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(okd.models, "load_model", refuse)
+    monkeypatch.setattr(okd.models, "build_model", refuse)
+
+
+def _missing_fields_file(tmp_path: Path) -> Path:
+    return _jsonl(tmp_path / "no_fields.jsonl", json.dumps({"question": "a", "answer": "b"}), pad=False)
+
+
+def _empty_file(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    return path
+
+
+# option -> (how to make the bad value, words the message must contain besides the file's name)
+EARLY_DATA = {
+    "missing_fields": ("data.train_file", _missing_fields_file, ["prompt"]),
+    "empty_train_file": ("data.train_file", _empty_file, ["no examples"]),
+    "missing_validation_file": ("data.validation_file", lambda tmp: tmp / "nowhere" / "validation.jsonl", []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EARLY_DATA))
+def test_data_errors_come_before_any_model_loads_on_the_command_line(tiny_setting, tmp_path, capsys, no_weights, case):
+    option, make, words = EARLY_DATA[case]
+    bad = make(tmp_path)
+    out = tmp_path / "run"
+    message = _cli_error(capsys, *_cli_args(tiny_setting, out, **{option: bad}))
+    assert bad.name in message and all(w in message for w in words), message
+    _assert_no_outputs(out)
+
+
+@pytest.mark.parametrize("case", sorted(EARLY_DATA))
+def test_data_errors_come_before_any_model_loads_on_the_python_api(tiny_setting, tmp_path, no_weights, case):
+    option, make, words = EARLY_DATA[case]
+    bad = make(tmp_path)
+    kwargs = configs(tiny_setting, "kd", steps=2)
+    kwargs["data"] = dataclasses.replace(kwargs["data"], **{option.split(".")[1]: str(bad)})
+    out = tmp_path / "run"
+    with pytest.raises(ValueError) as raised:  # DataError is a ValueError
+        distill(**kwargs, output_dir=str(out))
+    message = str(raised.value)
+    assert "\n" not in message.strip() and bad.name in message and all(w in message for w in words), message
+    _assert_no_outputs(out)
+
+
+# --model.student_lora value -> what the one line must say
+LORA_VALUES = {
+    '{"rank": 0}': "model.student_lora.rank must be >= 1, got 0",
+    '{"dropout": 2}': "model.student_lora.dropout must be in [0, 1)",
+    '{"rank": "x"}': "model.student_lora.rank: Expected a <class 'int'>",
+    '{"rnk": 1}': "model.student_lora: Option 'rnk' is not accepted",
+}
+
+
+@pytest.mark.parametrize("value", sorted(LORA_VALUES))
+def test_bad_nested_option_is_one_line_naming_it_before_any_model_loads(tiny_setting, tmp_path, capsys, no_weights, value):
+    out = tmp_path / "run"
+    message = _cli_error(capsys, *_cli_args(tiny_setting, out, **{"model.student_lora": value}))
+    assert LORA_VALUES[value] in message, message
+    assert "Subtypes" not in message and "NoneType" not in message, message
+    _assert_no_outputs(out)
+
+
+def test_one_line_error_keeps_the_innermost_reason():
+    from okd.cli import one_line_error
+
+    report = (
+        'Parser key "model.student_lora":\n\n  - Expected a path but {"rank": "x"} either not accessible or invalid\n'
+        "  - Does not validate against any of the Union subtypes\n  Subtypes: [<class 'LoraStudentConfig'>, <class 'NoneType'>]\n"
+        "  Errors:\n    - Problem with given class_path 'LoraStudentConfig':\n        rank: Expected a <class 'int'>. Got value: x\n"
+        "    - Expected a <class 'NoneType'>\n  Given value type: <class 'dict'>\n  Given value: {'rank': 'x'}"
+    )
+    assert one_line_error(report) == "model.student_lora.rank: Expected a <class 'int'>. Got value: x"
+    assert one_line_error("data.max_length must be >= 2, got 1") == "data.max_length must be >= 2, got 1"
+
+
+# `okd teacher cache`: options, the data and the output directory before the teacher loads
+def _cache_args(setting: dict, out: Path, **overrides) -> list[str]:
+    options = {"teacher": setting["teacher"], "data": setting["train"], "out": str(out), "max_length": 48,
+               "device": "cpu", "progress": "false"}
+    options.update(overrides)
+    argv = ["teacher", "cache"]
+    for name, value in options.items():
+        argv += [f"--{name}", str(value)]
+    return argv
+
+
+CACHE_CASES = {
+    "top_k_0": ({"top_k": 0}, "top_k must be an int >= 1, got 0"),
+    "batch_size_0": ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    "max_examples_0": ({"max_examples": 0}, "max_examples must be an int >= 1, got 0"),
+    "missing_data": ({"data": "nowhere/train.jsonl"}, "train.jsonl"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CACHE_CASES))
+def test_teacher_cache_refuses_bad_input_before_the_teacher_loads(tiny_setting, tmp_path, capsys, no_weights, case):
+    overrides, expected = CACHE_CASES[case]
+    out = tmp_path / "cache"
+    message = _cli_error(capsys, *_cache_args(tiny_setting, out, **overrides))
+    assert expected in message, message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["top_k_0", "empty_data", "missing_fields"])
+def test_teacher_cache_on_the_python_api_refuses_before_the_teacher_loads(tiny_setting, tmp_path, no_weights, case):
+    from okd.teacher_cache import cache_teacher
+
+    data, kwargs = tiny_setting["train"], {}
+    if case == "top_k_0":
+        kwargs["top_k"] = 0
+    elif case == "empty_data":
+        data = str(_empty_file(tmp_path))
+    else:
+        data = str(_missing_fields_file(tmp_path))
+    out = tmp_path / "cache"
+    with pytest.raises(ValueError) as raised:
+        cache_teacher(tiny_setting["teacher"], data, str(out), max_length=48, device="cpu", progress=False, **kwargs)
+    assert "\n" not in str(raised.value).strip()
+    assert not out.exists()

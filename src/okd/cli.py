@@ -153,6 +153,43 @@ def demo(quick: bool = False, output_dir: str | None = None, methods: str | None
     run_demo(quick=quick, output_dir=output_dir, methods=methods.split(",") if methods else None, tier=tier, workers=workers)
 
 
+# Lines of jsonargparse's reports that say which types were tried, not what is wrong with the value.
+_TYPE_ATTEMPT = re.compile(
+    r"^(Expected a <class 'NoneType'>|Does not validate against any of the Union subtypes|Expected a path but"
+    r"|Not a valid subclass of|Subclass types expect|a class path|a dict with|a dict without|Subtypes:|Given value|Errors:|Problem with given class_path)"
+)
+
+
+def one_line_error(message: str) -> str:
+    """jsonargparse's multi-line report of a value that matches none of an option's types (a union such
+    as ``LoraStudentConfig | None``, a nested dataclass) as one line: the innermost message that says what
+    is wrong, prefixed with the option (``Parser key "..."``) when it does not name it already. A one-line
+    message is returned as it is."""
+    message = str(message).strip()
+    if "\n" not in message:
+        return message
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    key = None
+    for name in re.findall(r'Parser key "([^"]+)"', message):  # nested keys are relative to the outer one
+        key = name if key is None or name.startswith(key + ".") else f"{key}.{name}"
+    reasons = []
+    for line in lines:
+        text = line[2:].strip() if line.startswith("- ") else line
+        if text and not text.startswith("Parser key") and not _TYPE_ATTEMPT.match(text):
+            reasons.append(text)
+    if reasons:
+        reason = reasons[0]
+    else:
+        given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+        reason = f"invalid value {given}" if given is not None else " ".join(lines)
+    inner = re.match(r"^([A-Za-z_][\w.]*): (.*)$", reason)  # a nested field: "rank: Expected ..."
+    if key and inner and not inner.group(1).startswith(key):
+        reason = f"{key}.{inner.group(1)}: {inner.group(2)}"
+    elif key and key not in reason:
+        reason = f"{key}: {reason}"
+    return reason
+
+
 class _Parser(ArgumentParser):
     """jsonargparse's parser, with a suggestion when an option or config key is misspelled, and
     ``--version`` on the parser given a ``version`` (the top-level one)."""
@@ -172,7 +209,7 @@ class _Parser(ArgumentParser):
             close = closest(match.group(1), known)
             if close:
                 message = f"{message} (did you mean --{close}?)"
-        return super().error(message, ex)
+        return super().error(one_line_error(message), ex)
 
 
 # Boolean parameters of the subcommands accept the flag alone: `--quick` means `--quick true`.
@@ -351,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         # Expected user errors get one line, not a traceback (OKD_TRACEBACK=1 shows it).
         if os.environ.get("OKD_TRACEBACK"):
             raise
-        print(f"okd: error: {error}", file=sys.stderr)
+        print(f"okd: error: {one_line_error(str(error))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -825,6 +825,24 @@ class CachedHiddenTeacher(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def check_cache_options(
+    *, store: str, top_k: int, dtype: str, batch_size: int, max_length: int, max_examples: int | None, vocab_size: int | None
+) -> None:
+    """``okd teacher cache``'s options, refused in one line each (called before anything loads)."""
+    if store not in ("topk", "hidden"):
+        raise ValueError(f"store must be 'topk' or 'hidden', got {store!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    for name, value, least in (("top_k", top_k, 1), ("batch_size", batch_size, 1), ("max_length", max_length, 2),
+                               ("max_examples", max_examples, 1), ("vocab_size", vocab_size, 1)):
+        if value is None and name in ("max_examples", "vocab_size"):
+            continue
+        if name == "top_k" and store != "topk":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
 def cache_teacher(
     teacher: str,
     data: str,
@@ -867,6 +885,9 @@ def cache_teacher(
     from okd.data import InstructionDataset, ensure_pad_token, read_jsonl
     from okd.models import load_model, load_tokenizer
 
+    # Options, the output directory and the data are checked before the teacher's weights load.
+    check_cache_options(store=store, top_k=top_k, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                        max_examples=max_examples, vocab_size=vocab_size)
     out_path = Path(out)
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"teacher cache {out} already exists (pass --overwrite to replace it)")
@@ -875,6 +896,8 @@ def cache_teacher(
     if max_examples is not None:
         examples = examples[:max_examples]
     dataset = InstructionDataset(examples, tok, max_length)
+    if len(dataset) == 0:
+        raise ValueError(f"{data}: no examples to cache")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(teacher, device=device)
     path = build_teacher_cache(

@@ -63,7 +63,7 @@ from .distributed import (
     reshard_teacher, sharding, whole_state_dicts,
 )
 from .forward import LossPath, forward_losses
-from .setup import check_output_dir, clear_output_dir, load_datasets, load_models
+from .setup import check_output_dir, clear_output_dir, load_datasets, load_models, load_run_tokenizer
 from .signals import StopOnSignal
 from .validation import validation_metrics
 
@@ -127,11 +127,16 @@ class Distiller:
         check_cross_tokenizer_config(config, self.method)  # okd.crosstok: refused combinations, one line each
         set_seed(train.seed)
 
-        self.tokenizer, student, teacher_model = load_models(config.model, self.method, train, config.data.max_length)
+        # The tokenizer, then the data (read, validated and tokenised), and only then the models: bad data
+        # fails in one line before any weights load.
+        self.tokenizer = load_run_tokenizer(config.model, self.method)
+        self.train_set, self.validation_set = load_datasets(config.data, self.tokenizer)
+        self.tokenizer, student, teacher_model = load_models(
+            config.model, self.method, train, config.data.max_length, tokenizer=self.tokenizer
+        )
         self.teacher: Teacher | None = None
         if teacher_model is not None and self.method.needs_teacher_logits:
             self.teacher = Teacher(teacher_model, self.online_config, seed=train.seed)  # placed below
-        self.train_set, self.validation_set = load_datasets(config.data, self.tokenizer)
         # model.teacher_cache: the teacher's outputs are read from disk (okd.training.cached); every process opens it.
         self.teacher_cache = open_teacher_cache(config, self.method, self.tokenizer, student, self.train_set)
         self.collator = Collator(pad_token_id=self.tokenizer.pad_token_id)

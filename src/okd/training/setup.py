@@ -13,9 +13,28 @@ RUN_OUTPUTS = (
 )
 
 
-def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConfig, max_length: int):
-    """Tokenizer, student and (when the method needs one) the teacher model, checked to agree."""
+def tokenizer_source(model_cfg: ModelConfig, method: ResolvedMethod) -> str:
+    """Where the tokenizer the data is tokenised with comes from."""
+    cross = method.cross_tokenizer is not None  # okd.crosstok: the data is the student's tokenization
+    source = model_cfg.tokenizer or (model_cfg.student if cross else None) or model_cfg.teacher or model_cfg.student
+    if not source:
+        raise ValueError("set model.teacher (or model.tokenizer / model.student)")
+    return source
+
+
+def load_run_tokenizer(model_cfg: ModelConfig, method: ResolvedMethod):
+    """The run's tokenizer (cheap: loaded before the data, which is checked before any model loads)."""
     from okd.data import ensure_pad_token
+    from okd.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_source(model_cfg, method))
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConfig, max_length: int, tokenizer=None):
+    """Tokenizer (``tokenizer`` when already loaded), student and (when the method needs one) the
+    teacher model, checked to agree."""
     from okd.models import (
         apply_student_lora,
         build_model,
@@ -23,18 +42,15 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
         check_same_tokenizer,
         enable_gradient_checkpointing,
         load_model,
-        load_tokenizer,
         saved_tokenizer,
     )
 
     from .cached import HeadOnlyTeacher, cache_store
 
     cross = method.cross_tokenizer is not None  # okd.crosstok: the data is the student's tokenization
-    tokenizer_source = model_cfg.tokenizer or (model_cfg.student if cross else None) or model_cfg.teacher or model_cfg.student
-    if not tokenizer_source:
-        raise ValueError("set model.teacher (or model.tokenizer / model.student)")
-    tokenizer = load_tokenizer(tokenizer_source)
-    ensure_pad_token(tokenizer)
+    source_of_tokenizer = tokenizer_source(model_cfg, method)
+    if tokenizer is None:
+        tokenizer = load_run_tokenizer(model_cfg, method)
 
     teacher_model = None
     # A top-k teacher cache replaces the teacher (okd.training.cached): its weights are never loaded.
@@ -60,11 +76,11 @@ def load_models(model_cfg: ModelConfig, method: ResolvedMethod, train: TrainConf
     # The tokenizers saved with the teacher and the student (when they have one) must be the one
     # the data is tokenised with: distillation compares distributions token id by token id.
     for role, source in (("teacher", model_cfg.teacher if teacher_model is not None and not cross else None), ("student", model_cfg.student)):
-        saved = saved_tokenizer(source) if source and source != tokenizer_source else None
+        saved = saved_tokenizer(source) if source and source != source_of_tokenizer else None
         if saved is not None:
             try:
                 check_same_tokenizer(
-                    tokenizer, saved, f"the {role}'s tokenizer ({source}) differs from the one used for the data ({tokenizer_source})"
+                    tokenizer, saved, f"the {role}'s tokenizer ({source}) differs from the one used for the data ({source_of_tokenizer})"
                 )
             except ValueError as error:
                 from okd.crosstok.training import CROSS_TOKENIZER_HINT
