@@ -6,32 +6,8 @@ The pipeline, end to end::
     dataset = InstructionDataset(examples, tokenizer, 512)   # token ids + loss labels
     loader = DataLoader(dataset, batch_size=8, collate_fn=Collator(tokenizer.pad_token_id))
 
-Accepted JSONL record layouts (one JSON object per line; extra fields are ignored):
-
-* ``{"prompt": str, "response": str}`` -- the prompt is used as-is.
-* ``{"instruction": str, "input": str (optional), "output": str}`` -- the Dolly / DistiLLM
-  layout. The prompt is ``PROMPT_TEMPLATE`` (or ``PROMPT_TEMPLATE_NO_INPUT`` when the input
-  is missing or blank)::
-
-      ### Instruction:
-      {instruction}
-
-      ### Input:
-      {input}
-
-      ### Response:
-
-* ``{"messages": [{"role": str, "content": str}, ...]}`` -- a chat. The last message must
-  come from the ``assistant``: it is the response. The earlier messages form the prompt,
-  rendered with the tokenizer's chat template when the tokenizer has one, else as plain
-  ``"<role>: <content>\\n"`` lines followed by ``"assistant: "``.
-
-With a tokenizer that has a chat template (an instruct model's), the prompt of the first two
-layouts becomes the user turn of that template, ending with the assistant's header: the model sees
-its own chat format in training, generation and evaluation alike.
-
-All of this lives in ``format_record`` (``okd.data.records``): it is the one place to change how records
-become text.
+The accepted record layouts and how a record becomes prompt and response text (chat templates
+included) are ``okd.data.records``'s: ``format_record`` is the one place to change them.
 """
 
 from __future__ import annotations
