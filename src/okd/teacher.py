@@ -93,8 +93,8 @@ class Teacher(nn.Module):
         need_frozen: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(adapted, frozen)`` logits ``[batch, seq, vocab]``: the teacher as :meth:`forward` and the
-        frozen pretrained teacher without its module (None unless ``need_frozen``, or free for the
-        kind: the adapter gets it from the same body pass, LoRA needs a second forward)."""
+        frozen pretrained teacher without its module (None unless ``need_frozen``; the adapter gets it
+        from the same body pass for one more head matmul, LoRA needs a second forward)."""
         return self.module.forward_with_frozen(
             input_ids, attention_mask, track_grad=track_module_grad, need_frozen=need_frozen
         )

@@ -72,12 +72,12 @@ class AdapterModule(OnlineModule):
 
     def forward_with_frozen(self, input_ids, attention_mask, *, track_grad: bool, need_frozen: bool):
         """One body pass for both: ``head(adapter(h))`` and the frozen ``head(h)``. The frozen logits
-        cost one extra output-head matmul (no second body pass); they are computed when
-        ``need_frozen`` and on update steps (``track_grad``), for the module's diagnostics."""
+        cost one extra output-head matmul (no second body pass) and are computed only when
+        ``need_frozen``."""
         with torch.no_grad():
             hidden = final_hidden(self.model, input_ids, attention_mask)
             head = self.model.get_output_embeddings()
-            frozen = apply_head(head, hidden) if (need_frozen or track_grad) else None
+            frozen = apply_head(head, hidden) if need_frozen else None
         with torch.set_grad_enabled(track_grad):
             return apply_head(head, self.adapter(hidden)), frozen
 
@@ -87,7 +87,7 @@ class AdapterModule(OnlineModule):
             hidden = final_hidden_at(self.model, input_ids, attention_mask, rows)
         with torch.set_grad_enabled(track_grad):
             adapted = self.adapter(hidden)
-        return adapted, hidden if (need_frozen or track_grad) else None
+        return adapted, hidden if need_frozen else None
 
     @torch.no_grad()
     def frozen_forward(self, input_ids, attention_mask) -> torch.Tensor:

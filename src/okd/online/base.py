@@ -60,9 +60,8 @@ class OnlineModule(nn.Module):
         """``(adapted, frozen)`` logits, both ``[batch, seq, vocab]``: the adapted teacher (as
         :meth:`forward`) and the frozen teacher ``p_0`` without the module (no graph).
 
-        ``frozen`` is computed when ``need_frozen`` and may be None otherwise; a kind that gets it
-        almost for free (the adapter) also returns it on update steps (``track_grad``). Default: :meth:`forward`, then
-        :meth:`frozen_forward` when needed (a second teacher forward).
+        ``frozen`` is computed when ``need_frozen`` and may be None otherwise. Default: :meth:`forward`,
+        then :meth:`frozen_forward` when needed (a second teacher forward).
         """
         adapted = self.forward(input_ids, attention_mask, track_grad=track_grad)
         frozen = self.frozen_forward(input_ids, attention_mask) if need_frozen else None

@@ -159,7 +159,7 @@ def _hidden_teacher_logits(
     hidden = targets.hidden.to(head.weight.device, head.weight.dtype)
     adapter = teacher.adapter
     with torch.no_grad():
-        frozen = head(hidden) if (need_frozen or track_module_grad or adapter is None) else None
+        frozen = head(hidden) if (need_frozen or adapter is None) else None
     if adapter is None:
         adapted = frozen
     else:
@@ -172,30 +172,31 @@ def _hidden_teacher_logits(
     return scatter_to_batch(adapted, mask), (scatter_to_batch(frozen, mask) if frozen is not None else None)
 
 
-def cached_forward_losses(distiller, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
-    """:meth:`okd.training.Distiller.forward_losses` with the teacher read from ``distiller.teacher_cache``."""
+def cached_forward_losses(
+    distiller, batch: dict[str, torch.Tensor], update_module: bool, *, need_frozen: bool = False
+) -> StepLosses:
+    """:meth:`okd.training.Distiller.forward_losses` with the teacher read from ``distiller.teacher_cache``;
+    ``need_frozen``: whether the frozen teacher's logits are computed (``okd.training.forward.frozen_needed``)."""
     loss_fn, cache = distiller.loss_fn, distiller.teacher_cache
     with distiller.accelerator.autocast():
         if cache.store == "hidden" and distiller.loss_path.heads == "positions":
             # Both heads on the loss positions only: the student's from its final hidden states there.
-            objective = loss_fn.objective
             rows, targets = loss_positions(batch["labels"])
             student = distiller.student
             student_hidden = final_hidden_at(student, batch["input_ids"], batch["attention_mask"], rows)
             student_logits = apply_head(distiller.accelerator.unwrap_model(student).get_output_embeddings(), student_hidden)
             teacher_logits, frozen_logits = _hidden_teacher_logits(
                 distiller.teacher, cache, batch, track_module_grad=update_module,
-                need_frozen=objective is not None and objective.needs_frozen(update_module), positions=True,
+                need_frozen=need_frozen, positions=True,
             )
             return loss_fn(
                 student_logits, teacher_logits, None, update_module, frozen_logits, distiller.step, targets=targets,
             )
         student_logits = distiller.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if cache.store == "hidden":
-            objective = loss_fn.objective
             teacher_logits, frozen_logits = _hidden_teacher_logits(
                 distiller.teacher, cache, batch, track_module_grad=update_module,
-                need_frozen=objective is not None and objective.needs_frozen(update_module),
+                need_frozen=need_frozen,
             )
             return loss_fn(
                 student_logits, teacher_logits, batch["labels"], update_module=update_module,

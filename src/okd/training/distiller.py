@@ -62,6 +62,7 @@ from .distributed import (
     Processes, TokenCount, check_sharding_request, local_tokens, make_accelerator, peak_memory_mb, place_teacher, plain_norm,
     reshard_teacher, sharding, whole_state_dicts,
 )
+from .forward import logs_metrics_at  # when the loop logs (a step's forward reads it too)
 from .forward import LossPath, forward_losses
 from .setup import check_output_dir, clear_output_dir, load_datasets, load_models, load_run_tokenizer
 from .signals import StopOnSignal
@@ -346,7 +347,7 @@ class Distiller:
             tokens_since_log += sum(int(b["attention_mask"].sum()) for b in batches) * accelerator.num_processes
             bar.update(1)
             stopping = self.processes.any(stop.requested)  # a stop on any process stops all after this step
-            if step % train.log_every == 0 or step == train.max_steps or losses.skipped or stopping:
+            if logs_metrics_at(train, step) or losses.skipped or stopping:
                 now = time.perf_counter()
                 seconds_per_step = (now - started) / (step - first_step)  # of this train() call
                 record = self._record(

@@ -115,11 +115,36 @@ class LossPath:
         return fused
 
 
+def logs_metrics_at(train: TrainConfig, step: int) -> bool:
+    """Whether the loop logs the metrics of step ``step`` (1-based) on schedule: every
+    ``train.log_every`` steps and the last. (It also logs a skipped step and the step a signal stops at,
+    which are only known after the step.)"""
+    return step % train.log_every == 0 or step == train.max_steps
+
+
+def frozen_needed(distiller: StepState, update_module: bool) -> bool:
+    """Whether this step computes the frozen teacher ``p_0``: always where the loss uses it (the anchor,
+    ``teacher_mix``: ``OnlineObjective.needs_frozen``), and for the module's ``module_kl_from_frozen``
+    metric on update steps whose metrics are logged (:func:`logs_metrics_at`) when it costs only one
+    more output-head matmul (the adapter: same body pass, or cached hidden states). Other steps skip
+    that matmul; no loss or gradient depends on it."""
+    objective = distiller.loss_fn.objective
+    if objective is None:
+        return False
+    if objective.needs_frozen(update_module):
+        return True
+    teacher = distiller.teacher
+    return (
+        update_module and teacher is not None and teacher.adapter is not None
+        and logs_metrics_at(distiller.train_config, distiller.step)
+    )
+
+
 def forward_losses(distiller: StepState, batch: dict[str, torch.Tensor], update_module: bool) -> StepLosses:
     """One forward of the student and the teacher on ``batch``, and the step's loss terms (with graphs:
     the student's loss, and on update steps the online module's), on ``distiller.loss_path``."""
     if distiller.teacher_cache is not None:  # the teacher's outputs come from disk (okd.training.cached)
-        return cached_forward_losses(distiller, batch, update_module)
+        return cached_forward_losses(distiller, batch, update_module, need_frozen=frozen_needed(distiller, update_module))
     if getattr(distiller, "cross_loss", None) is not None:  # teacher and student tokenise apart (okd.crosstok)
         return cross_forward_losses(distiller, batch)
     accelerator, student, teacher, loss_fn = distiller.accelerator, distiller.student, distiller.teacher, distiller.loss_fn
@@ -128,10 +153,7 @@ def forward_losses(distiller: StepState, batch: dict[str, torch.Tensor], update_
             return distiller.minillm_loss(student, teacher, batch)
     path = distiller.loss_path
     ids, attention = batch["input_ids"], batch["attention_mask"]
-    objective = loss_fn.objective
-    # The frozen teacher: for the anchor / teacher_mix, and (free for the adapter) for the
-    # module's KL-from-frozen diagnostic on update steps.
-    need_frozen = objective is not None and objective.needs_frozen(update_module)
+    need_frozen = frozen_needed(distiller, update_module)
     with accelerator.autocast():
         if path.heads == "full":
             student_logits = student(input_ids=ids, attention_mask=attention).logits
