@@ -390,16 +390,21 @@ def plan(stage: str, paths: Paths, methods: list[str]) -> list[tuple[str, float,
     seeds at each method's selected rate (selection.json); a one-seed method runs seed 0 at kd's rate."""
     if stage == "sweep":
         return [(m, lr, 0) for m in methods if m in PROTOCOL.methods for lr in PROTOCOL.learning_rates]
+    return [run for run in selected_runs(paths, methods, "grid") if run[2] != 0 or run[0] in PROTOCOL.one_seed_methods]
+
+
+def selected_runs(paths: Paths, methods: list[str], stage: str) -> list[tuple[str, float, int]]:
+    """Each method's runs at its selected rate: every seed, or seed 0 at kd's rate for a one-seed method."""
     selection = read_selection(paths)
-    jobs = []
+    runs = []
     for m in methods:
         if m in PROTOCOL.one_seed_methods:
-            jobs.append((m, selection["kd"], 0))
+            runs.append((m, selection["kd"], 0))
         elif m not in selection:
-            sys.exit(f"{m}: no learning rate selected yet (run `select --methods {m}` after its sweep)")
+            sys.exit(f"{stage}: {m} has no selected learning rate yet (run `select --methods {m}` after its sweep)")
         else:
-            jobs += [(m, selection[m], s) for s in PROTOCOL.seeds if s != 0]
-    return jobs
+            runs += [(m, selection[m], s) for s in PROTOCOL.seeds]
+    return runs
 
 
 def read_selection(paths: Paths) -> dict[str, float]:
@@ -475,15 +480,7 @@ def stage_select(args, paths: Paths, settings: TaskSettings) -> None:
 
 def test_runs(paths: Paths, methods: list[str]) -> list[tuple[str, float, int]]:
     """The runs whose students are scored on test: each method's selected rate at its seeds."""
-    selection = read_selection(paths)
-    runs = []
-    for m in methods:
-        if m in PROTOCOL.one_seed_methods:
-            runs.append((m, selection["kd"], 0))
-        elif m not in selection:
-            sys.exit(f"test: {m} has no selected learning rate yet; its test scores wait for its selection")
-        else:
-            runs += [(m, selection[m], s) for s in PROTOCOL.seeds]
+    runs = selected_runs(paths, methods, "test")
     missing = [run_label(*r) for r in runs if not paths.result(run_label(*r)).exists()]
     if missing:
         sys.exit(f"test: not trained yet: {', '.join(missing)}; test scores wait until every seed of a method is trained")
